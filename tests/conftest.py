@@ -1,0 +1,82 @@
+"""Shared fixtures: configs composed the way train.py composes them, and small image trees."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Short, small runs: a tiny timm model at 32 px, two 1-epoch stages, no worker processes.
+FAST = [
+    "backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false",
+    "input.size=32", "augment=light", "data.num_workers=0", "data.batch_size=8",
+    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.stages.1.unfreeze=1",
+    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def make_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """Class 0: dark with horizontal stripes; class 1: bright with vertical stripes; plus noise."""
+    base = np.zeros((size, size), dtype=np.float32)
+    stripes = (np.arange(size) // 4 % 2).astype(np.float32)
+    base += stripes[:, None] if label == 0 else stripes[None, :]
+    level = 60 if label == 0 else 170
+    pixels = level + 60 * base + rng.normal(0, 15, (size, size))
+    rgb = np.stack([pixels, pixels * 0.9, pixels * 0.8], axis=-1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def write_image_folder(root: Path, per_class: int = 12, size: int = 40, classes=("cat", "dog"),
+                       seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            make_image(label % 2, size, rng).save(root / name / f"{name}_{index:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images", per_class=16)
+
+
+@pytest.fixture
+def loopback_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on 127.0.0.1 serving files from a temporary folder."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()

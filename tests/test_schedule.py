@@ -1,0 +1,144 @@
+"""What trains in each stage: gradients, backward compute, BatchNorm statistics, param groups, LRs."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from transfer.errors import ScheduleError
+from transfer.freezing import backbone_blocks, set_trainable
+from transfer.module import ClassifierModule
+from transfer.optim import build_optimizer, param_groups, warmup_cosine
+from transfer.schedule import Stage, parse_stages
+
+STAGES = [Stage("head", 1, unfreeze=0, lr=1e-3), Stage("top", 1, unfreeze=2, lr=1e-4, warmup_epochs=1),
+          Stage("all", 1, unfreeze="all", lr=1e-5, layer_decay=0.5)]
+
+
+def make_module(name: str = "test_efficientnet", stages=STAGES) -> ClassifierModule:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3)
+    return ClassifierModule(model, ["a", "b", "c"], stages, functools.partial(torch.optim.AdamW, weight_decay=0.05),
+                            backbone_name=name, input_config={})
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def train_steps(module: ClassifierModule, steps: int = 2) -> None:
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    module.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(module(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+        loss.backward()
+        optimizer.step()
+
+
+def changed_keys(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_vit"])
+def test_head_only_changes_nothing_but_the_head_bitwise(name: str) -> None:
+    module = make_module(name)
+    module.set_stage(0)
+    before = snapshot(module.model)
+    train_steps(module)
+    changed = changed_keys(before, snapshot(module.model))
+    head = {k for k in before if k.startswith(module.model.pretrained_cfg["classifier"] + ".")}
+    assert changed == head  # frozen weights and BatchNorm running statistics are bit-identical
+
+
+def test_partial_unfreeze_updates_only_the_last_blocks_and_their_bn_stats() -> None:
+    module = make_module()
+    module.set_stage(1)  # head + last 2 blocks
+    blocks = backbone_blocks(module.model)
+    trainable_names = {n for block in blocks[-2:] for n in block}
+    before = snapshot(module.model)
+    train_steps(module)
+    changed = changed_keys(before, snapshot(module.model))
+    frozen_prefixes = {n.rsplit(".", 1)[0] for block in blocks[:-2] for n in block}
+    assert not any(k.rsplit(".", 1)[0] in frozen_prefixes for k in changed)
+    assert any(k.endswith("running_mean") for k in changed)  # unfrozen BN layers do adapt
+    assert trainable_names <= {n for n, p in module.model.named_parameters() if p.requires_grad}
+
+
+def test_freeze_bn_keeps_statistics_of_unfrozen_blocks() -> None:
+    stages = [Stage("top", 1, unfreeze=2, lr=1e-4, freeze_bn=True)]
+    module = make_module(stages=stages)
+    module.set_stage(0)
+    before = snapshot(module.model)
+    train_steps(module)
+    changed = changed_keys(before, snapshot(module.model))
+    assert changed and not any("running_" in k for k in changed)
+
+
+def test_frozen_parts_get_no_gradient_and_no_backward_graph() -> None:
+    module = make_module()
+    module.set_stage(1)
+    blocks = backbone_blocks(module.model)
+    first_trainable = blocks[-2][0].rsplit(".", 2)[0]  # e.g. blocks.4 for test_efficientnet
+    outputs = {}
+    frozen_module = module.model.get_submodule(blocks[0][0].rsplit(".", 1)[0])
+    frozen_module.register_forward_hook(lambda m, i, o: outputs.setdefault("frozen", o))
+    module.train()
+    module(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert not outputs["frozen"].requires_grad  # autograd recorded nothing for the frozen prefix
+    for name, param in module.model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, name
+    assert first_trainable
+
+
+def test_frozen_modules_stay_in_eval_after_lightning_switches_modes() -> None:
+    module = make_module()
+    module.set_stage(0)
+    module.eval()
+    module.train()  # what Lightning does after every validation loop
+    assert not module.model.blocks.training and not module.model.bn1.training
+    assert module.model.classifier.training
+
+
+def test_each_stage_optimizer_holds_exactly_its_trainable_params_with_its_lrs() -> None:
+    module = make_module()
+    seen_counts = []
+    for index, stage in enumerate(STAGES):
+        module.set_stage(index)
+        config = build_optimizer(module.model, stage, module.optimizer_factory, total_steps=10, steps_per_epoch=10)
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        trainable = {id(p) for p in module.model.parameters() if p.requires_grad}
+        assert in_optimizer == trainable
+        seen_counts.append(len(in_optimizer))
+        # the scheduler knows every group (it was built after them) and starts from the stage LR
+        assert len(scheduler.base_lrs) == len(optimizer.param_groups)
+        assert max(scheduler.base_lrs) == pytest.approx(stage.lr)
+        for group in optimizer.param_groups:  # biases and norm weights get no weight decay
+            if all(p.ndim <= 1 for p in group["params"]):
+                assert group["weight_decay"] == 0.0
+    assert seen_counts[0] < seen_counts[1] < seen_counts[2]
+    lrs = sorted({g["lr"] for g in param_groups(module.model, STAGES[2], 0.05)})
+    assert len(lrs) > 2 and lrs[0] < lrs[-1] * 0.1  # layer-wise decay gives earlier layers less
+
+
+def test_warmup_then_cosine() -> None:
+    factor = warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.01)
+    assert factor(0) < factor(5) < factor(9) <= 1.0
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(100) == pytest.approx(0.01)
+
+
+def test_impossible_schedules_are_explained() -> None:
+    model = timm.create_model("test_resnet", num_classes=2)
+    with pytest.raises(ScheduleError, match="has 5"):
+        set_trainable(model, 50)
+    with pytest.raises(ScheduleError, match="unknown key"):
+        parse_stages([{"epochs": 1, "lr": 1e-3, "unfreze": 2}])
+    with pytest.raises(ScheduleError):
+        parse_stages([])

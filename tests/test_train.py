@@ -1,0 +1,92 @@
+"""Real short trainings through `transfer.run.train`, the function train.py calls."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import FAST, compose_config
+from transfer.errors import TransferError
+from transfer.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_stage_run_writes_a_complete_run_directory(image_folder: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_config([*FAST, "data=folder", f"data.root={image_folder}"], output_dir=run_dir)
+    results = train(cfg)
+
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["test"] == results["test"]
+    assert set(saved["test"]) >= {"acc", "f1", "auroc", "loss"}
+    assert [s["name"] for s in saved["stages"]] == ["head", "finetune"]
+    assert saved["stages"][0]["trainable_params"] < saved["stages"][1]["trainable_params"]
+    assert sum(map(sum, saved["confusion_matrix"])) == sum(saved["split_counts"]["test"].values())
+    assert (run_dir / "config.yaml").read_text().count("size:") >= 1
+    assert Path(saved["best_checkpoint"]["path"]).is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    with open(run_dir / "metrics.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert {row["stage"] for row in rows if row.get("val/acc")} == {"1.0", "2.0"}
+
+    checkpoint = torch.load(saved["best_checkpoint"]["path"], map_location="cpu", weights_only=False)
+    assert checkpoint["transfer"]["class_names"] == ["cat", "dog"]
+    assert checkpoint["transfer"]["backbone"] == "test_resnet"
+
+
+def test_a_run_never_reuses_a_directory(image_folder: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [*FAST, "data=folder", f"data.root={image_folder}", "schedule=head_only",
+                 "schedule.stages.0.epochs=1"]
+    train(compose_config(overrides, output_dir=run_dir))
+    before = (run_dir / "results.json").read_bytes()
+    with pytest.raises(TransferError, match="already holds a run"):
+        train(compose_config(overrides, output_dir=run_dir))
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def elpv_run(tmp_path: Path, name: str, pretrained: bool) -> dict:
+    overrides = [
+        "data.max_images=480", "input.size=128", "data.num_workers=0", f"backbone.pretrained={pretrained}",
+        "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "trainer.enable_progress_bar=false",
+    ]
+    return train(compose_config(overrides, output_dir=tmp_path / name))
+
+
+def test_pretrained_weights_beat_random_init_on_elpv(tmp_path: Path) -> None:
+    """The packaged ImageNet weights are really used: same run, same data, same seed."""
+    pretrained = elpv_run(tmp_path, "pretrained", True)["test"]
+    scratch = elpv_run(tmp_path, "scratch", False)["test"]
+    assert pretrained["auroc"] > scratch["auroc"] + 0.1, (pretrained, scratch)
+    assert pretrained["acc"] > scratch["acc"], (pretrained, scratch)
+
+
+def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"paths.log_dir={cwd}"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_runs_and_each_run_gets_its_own_directory(image_folder: Path, tmp_path: Path) -> None:
+    args = [*FAST, "data=folder", f"data.root={image_folder}", "schedule=head_only", "schedule.stages.0.epochs=1"]
+    first = run_cli(*args, cwd=tmp_path)
+    second = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = sorted((tmp_path / "runs").glob("*/results.json"))
+    assert len(results) == 2
+    assert "Test:" in (results[0].parent / "train.log").read_text()
+
+
+def test_cli_user_errors_are_one_paragraph_without_traceback(tmp_path: Path) -> None:
+    done = run_cli("backbone=timm", "backbone.name=resnet_50", cwd=tmp_path)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "Unknown backbone 'resnet_50'" in output and "resnet50" in output
+    assert "Traceback" not in output

@@ -1,0 +1,29 @@
+"""Fine-tune a pretrained timm backbone: ``python train.py [group=option] [key=value ...]``.
+
+This file only composes the Hydra config and hands it to `transfer.run.train`.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import transfer  # noqa: F401  (process settings and OmegaConf resolvers)
+from transfer.errors import TransferError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from transfer.run import train
+
+    try:
+        results = train(cfg)
+    except TransferError as error:
+        logging.getLogger("transfer").error("%s", error)
+        sys.exit(1)
+    return results["test"].get(cfg.monitor.metric.split("/")[-1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Build a timm model with a new head for the user's classes, from the chosen weight source."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+
+import timm
+import torch.nn as nn
+
+from transfer import weights as weights_lib
+from transfer.errors import TransferError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def check_model_name(name: str) -> None:
+    """Fail with the closest timm names when ``name`` is not a timm architecture."""
+    if timm.is_model(name):
+        return
+    candidates = timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    if not close:
+        close = [c for c in candidates if name.lower() in c][:5]
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise TransferError(
+        f"Unknown backbone '{name}'.{hint} List all with python -c \"import timm; "
+        f"print(timm.list_models('*{name.split('_')[0]}*'))\".")
+
+
+def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str = "auto",
+                    **model_kwargs) -> nn.Module:
+    """A timm classifier for ``num_classes`` classes.
+
+    ``weights`` picks the source when ``pretrained``: ``auto`` (packaged if a package ships
+    weights for ``name``, else the hub), ``hub`` (timm's Hugging Face / URL weights,
+    cached after the first download), ``packaged`` (weights shipped in a pip package, see
+    `weights.PACKAGED`), or a local file path or http(s) URL. Extra keyword arguments
+    (drop_rate, drop_path_rate, ...) go to ``timm.create_model``.
+    """
+    check_model_name(name)
+    if not pretrained:
+        log.info("Backbone %s: random initialisation (backbone.pretrained=false)", name)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    if weights == "auto":
+        weights = "packaged" if name in weights_lib.PACKAGED else "hub"
+    if weights == "hub":
+        return _from_hub(name, num_classes, **model_kwargs)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
+    if weights == "packaged":
+        fresh = weights_lib.load_packaged(model, name)
+    elif str(weights).startswith(("http://", "https://")):
+        fresh = weights_lib.load_url(model, weights)
+    else:
+        fresh = weights_lib.load_file(model, weights)
+    log.info("Backbone %s: weights from %s; new head: %s", name, weights, ", ".join(fresh) or "none")
+    return model
+
+
+def _from_hub(name: str, num_classes: int, **model_kwargs) -> nn.Module:
+    online = weights_lib.hub_reachable()
+    context = contextlib.nullcontext() if online else weights_lib.hub_cache_only()
+    try:
+        with context:
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes, **model_kwargs)
+        if num_classes != model.pretrained_cfg.get("num_classes"):
+            weights_lib.reset_head(model)
+    except Exception as error:  # hub, HTTP and cache errors come in many types
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        where = "the hub is unreachable and they are not in the local cache" if not online else reason
+        raise WeightsUnavailableError(
+            f"Pretrained weights for '{name}' could not be loaded from the timm hub: {where}. "
+            f"{weights_lib.WAYS_OUT}") from error
+    log.info("Backbone %s: pretrained weights from the timm hub (%s)", name,
+             model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url"))
+    return model

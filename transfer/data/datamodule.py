@@ -1,0 +1,99 @@
+"""The LightningDataModule: an `ImageTable`, its splits and the two transforms."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transfer.data.images import load_rgb
+from transfer.data.sources import ImageTable
+from transfer.data.splits import split_indices
+from transfer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Decodes files on demand; a decode failure raises `ImageReadError` naming the file."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, transform: Callable) -> None:
+        self.paths = paths
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = load_rgb(self.paths[index])
+        return self.transform(image=image)["image"], int(self.labels[index])
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(self, table: ImageTable, train_transform: Callable, eval_transform: Callable,
+                 input_size: tuple[int, int], batch_size: int = 32, eval_batch_size: int | None = None,
+                 num_workers: int = 2, test_fraction: float = 0.25, val_fraction: float = 0.1,
+                 seed: int = 42, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.table = table
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.input_size = tuple(input_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.splits = split_indices(table.labels, test_fraction, val_fraction, seed, table.splits)
+        for name in ("train", "val"):
+            if len(self.splits[name]) == 0:
+                raise DataError(f"The {name} split of '{table.name}' is empty; it has "
+                                f"{len(table.labels)} images. Add images or change data.val_fraction.")
+
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split, for the run log and results file."""
+        return {name: dict(zip(self.table.class_names,
+                               np.bincount(self.table.labels[idx], minlength=self.table.num_classes).tolist()))
+                for name, idx in self.splits.items()}
+
+    def dataset(self, split: str, transform: Callable | None = None) -> ImageDataset:
+        indices = self.splits[split]
+        if transform is None:
+            transform = self.train_transform if split == "train" else self.eval_transform
+        return ImageDataset([self.table.paths[i] for i in indices], self.table.labels[indices], transform)
+
+    def check_transforms(self) -> None:
+        """Fail before training if an augmentation pipeline does not produce ``input_size`` images."""
+        for split, transform in (("train", self.train_transform), ("val", self.eval_transform)):
+            image, _ = self.dataset(split, transform)[0]
+            if tuple(image.shape[-2:]) != self.input_size:
+                raise DataError(
+                    f"The {split} transform produces {tuple(image.shape[-2:])} images but the model "
+                    f"expects {self.input_size}. End the augmentation list with a crop or resize to "
+                    "${input.size} (see conf/augment/standard.yaml).")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if len(self.splits["test"]) == 0:
+            raise DataError(f"'{self.table.name}' has no test split; set data.test_fraction > 0.")
+        return self._loader("test", shuffle=False)

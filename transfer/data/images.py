@@ -1,0 +1,50 @@
+"""Decode any image file into the 8-bit RGB array every backbone expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from transfer.errors import ImageReadError
+
+# Decompression-bomb guard stays on, but at a size real photos (e.g. 100 MP scans) pass.
+Image.MAX_IMAGE_PIXELS = 250_000_000
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert grayscale, palette, RGBA, CMYK and 16-bit images to 8-bit RGB.
+
+    Transparent areas become white (not black, as a bare ``convert`` would make them), and
+    16-bit or 32-bit integer images are rescaled rather than clipped to 255.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.round().astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read ``path`` as an HxWx3 uint8 array, upright according to its EXIF orientation.
+
+    Raises:
+        ImageReadError: naming the file, so a worker never dies on an anonymous decode error.
+    """
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(to_rgb(image))
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageReadError(
+            f"Cannot read image '{path}': {type(error).__name__}: {error}. Remove or replace the "
+            "file, or re-encode it (e.g. with Pillow or ImageMagick)."
+        ) from error

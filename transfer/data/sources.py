@@ -1,0 +1,194 @@
+"""Dataset sources: each turns a user's data into an `ImageTable` (files, labels, class names).
+
+A source is chosen by the `data` config group and built with Hydra's ``_target_``; adding a
+dataset means adding one function here (or anywhere importable) that returns an `ImageTable`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from transfer.data.download import download, extract
+from transfer.errors import DataError
+
+SPLIT_NAMES = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+
+
+@dataclass
+class ImageTable:
+    """Everything a run needs to know about a dataset before any image is decoded."""
+
+    paths: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    # Split fixed by the dataset itself ("train"/"val"/"test" per row), or None to split by seed.
+    splits: np.ndarray | None = None
+    name: str = "images"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError("paths and labels differ in length")
+        if self.splits is not None:
+            self.splits = np.asarray(self.splits, dtype=object)
+        if not self.paths:
+            raise DataError(f"Dataset '{self.name}' has no images.")
+        if len(self.class_names) < 2:
+            raise DataError(
+                f"Dataset '{self.name}' has {len(self.class_names)} class ({self.class_names}); "
+                "a classifier needs at least two. Add a folder (or CSV label) per class."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        return dict(zip(self.class_names, counts.tolist()))
+
+
+def subsample(table: ImageTable, max_images: int | None, seed: int) -> ImageTable:
+    """At most ``max_images`` rows, stratified by class (and by predefined split), for quick runs."""
+    if not max_images or max_images >= len(table.paths):
+        return table
+    rng = np.random.default_rng(seed)
+    strata = table.labels.astype(str) if table.splits is None else np.char.add(
+        table.labels.astype(str), table.splits.astype(str))
+    keep = []
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        count = max(1, int(round(max_images * len(members) / len(strata))))
+        keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    rows = np.sort(np.concatenate(keep))
+    return ImageTable([table.paths[i] for i in rows], table.labels[rows], table.class_names,
+                      None if table.splits is None else table.splits[rows], table.name, table.extra)
+
+
+def _folder_samples(root: Path, class_names: Sequence[str], extensions: tuple[str, ...]):
+    class_to_idx = {name: index for index, name in enumerate(class_names)}
+    present = [name for name in class_names if (root / name).is_dir()]
+    try:
+        samples = make_dataset(str(root), {n: class_to_idx[n] for n in present}, extensions=extensions)
+    except FileNotFoundError as error:  # torchvision: "Found no valid file for the classes ..."
+        raise DataError(
+            f"In '{root}': {error}. Every class folder needs at least one image with one of the "
+            f"extensions {', '.join(extensions)}; remove empty class folders or add images."
+        ) from error
+    return [path for path, _ in samples], [label for _, label in samples]
+
+
+def image_folder(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> ImageTable:
+    """An ImageFolder tree: ``root/<class>/*.jpg``, or ``root/{train,val,test}/<class>/*.jpg``."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Image folder '{root}' does not exist. Set data.root to a folder with one "
+                        "sub-folder per class (optionally inside train/, val/ and test/).")
+    extensions = tuple(e.lower() for e in extensions)
+    split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir()
+                  if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    if not split_dirs:
+        class_names, _ = find_classes(str(root))
+        paths, labels = _folder_samples(root, class_names, extensions)
+        return ImageTable(paths, np.array(labels), class_names, name=root.name)
+    if "train" not in split_dirs:
+        raise DataError(f"'{root}' has {sorted(split_dirs)} folders but no train/ folder.")
+    class_names, _ = find_classes(str(split_dirs["train"]))
+    paths, labels, splits = [], [], []
+    for split, directory in split_dirs.items():
+        extra = sorted({p.name for p in directory.iterdir() if p.is_dir()} - set(class_names))
+        if extra:
+            raise DataError(f"'{directory}' has classes {extra} that '{split_dirs['train']}' lacks; "
+                            "every split must use the training classes.")
+        split_paths, split_labels = _folder_samples(directory, class_names, extensions)
+        paths += split_paths
+        labels += split_labels
+        splits += [split] * len(split_paths)
+    return ImageTable(paths, np.array(labels), class_names, np.array(splits, dtype=object), name=root.name)
+
+
+def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_column: str = "label",
+                 split_column: str | None = None, root: str | os.PathLike | None = None) -> ImageTable:
+    """A CSV with one row per image; relative paths are resolved against ``root`` or the CSV's folder."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"CSV manifest '{path}' does not exist. Set data.csv=PATH.")
+    base = Path(root).expanduser() if root is not None else path.parent
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    columns = [path_column, label_column] + ([split_column] if split_column else [])
+    missing_columns = [c for c in columns if not rows or c not in rows[0]]
+    if missing_columns:
+        raise DataError(f"CSV manifest '{path}' lacks column(s) {missing_columns}; it has "
+                        f"{list(rows[0]) if rows else 'no rows'}. Set data.path_column / data.label_column.")
+    paths = [str(base / row[path_column]) for row in rows]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) listed in '{path}' do not exist, e.g. "
+                        f"{missing[:3]}. Fix the paths or remove those rows.")
+    class_names = sorted({row[label_column] for row in rows})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index[row[label_column]] for row in rows])
+    splits = None
+    if split_column:
+        try:
+            splits = np.array([SPLIT_ALIASES[row[split_column].strip().lower()] for row in rows], dtype=object)
+        except KeyError as error:
+            raise DataError(f"Unknown split {error} in column '{split_column}' of '{path}'; "
+                            f"use one of {sorted(SPLIT_ALIASES)}.") from None
+    return ImageTable(paths, labels, class_names, splits, name=path.stem)
+
+
+ELPV_TASKS = {
+    # task: (class names, function from (defect probability, cell type) to class index)
+    "defective": (["functional", "defective"], lambda p, t: int(p >= 0.5)),
+    "severity": (["p0", "p1_3", "p2_3", "p1"], lambda p, t: int(round(p * 3))),
+    "cell_type": (["mono", "poly"], lambda p, t: ["mono", "poly"].index(t)),
+}
+
+
+def elpv(task: str = "defective", labels_csv: str | None = None) -> ImageTable:
+    """ELPV solar cells (Buerhop-Lutz et al. 2018; Deitsch et al. 2019), from the `elpv-dataset` package.
+
+    Tasks: ``defective`` (defect probability >= 0.5 vs functional), ``severity`` (the four
+    annotated probabilities 0, 1/3, 2/3, 1) and ``cell_type`` (mono vs poly crystalline).
+    """
+    if task not in ELPV_TASKS:
+        raise DataError(f"Unknown ELPV task '{task}'; choose one of {sorted(ELPV_TASKS)}.")
+    if labels_csv is None:
+        try:
+            import elpv_dataset
+        except ImportError as error:
+            raise DataError("The ELPV dataset needs the package: pip install elpv-dataset") from error
+        labels_csv = os.path.join(os.path.dirname(elpv_dataset.__file__), "data", "labels.csv")
+    base = Path(labels_csv).parent
+    class_names, to_label = ELPV_TASKS[task]
+    paths, labels = [], []
+    with open(labels_csv) as stream:
+        for line in stream:
+            if line.strip():
+                name, probability, cell_type = line.split()
+                paths.append(str(base / name))
+                labels.append(to_label(float(probability), cell_type))
+    return ImageTable(paths, np.array(labels), list(class_names), name=f"elpv-{task}")
+
+
+def hotdog(url: str, checksum: str | None, cache_dir: str | os.PathLike) -> ImageTable:
+    """The d2l.ai hot dog / not hot dog dataset (train and test folders), downloaded once and cached."""
+    cache_dir = Path(cache_dir).expanduser()
+    archive = download(url, cache_dir / "hotdog.zip", checksum)
+    extracted = extract(archive, cache_dir / "hotdog")
+    root = extracted / "hotdog" if (extracted / "hotdog").is_dir() else extracted
+    table = image_folder(root)
+    table.name = "hotdog"
+    return table

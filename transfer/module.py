@@ -1,0 +1,139 @@
+"""The LightningModule: a timm classifier trained one schedule stage at a time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from transfer.freezing import Trainable, freeze_frozen_modules, set_trainable
+from transfer.metrics import classification_metrics
+from transfer.optim import build_optimizer
+from transfer.schedule import Stage
+
+log = logging.getLogger(__name__)
+
+
+class ClassifierModule(L.LightningModule):
+    """Holds the model and the schedule; `set_stage` decides what trains before each fit.
+
+    The checkpoint records the stage it was written in (``checkpoint["transfer"]``) together with
+    the class names, backbone name and input config, so it can be resumed or used on its own.
+    """
+
+    def __init__(self, model: nn.Module, class_names: Sequence[str], stages: Sequence[Stage],
+                 optimizer: Callable[..., torch.optim.Optimizer], backbone_name: str,
+                 input_config: dict[str, Any], label_smoothing: float = 0.0,
+                 channels_last: bool = False, coarse_blocks: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "stages"])
+        self.model = model
+        self.class_names = list(class_names)
+        self.stages = list(stages)
+        self.optimizer_factory = optimizer
+        self.channels_last = channels_last
+        self.coarse_blocks = coarse_blocks
+        self.stage_index = 0
+        self.trainable: Trainable | None = None
+        # Best checkpoint of each finished stage: [{"stage", "path", "score"}], kept across resumes.
+        self.stage_bests: list[dict[str, Any]] = []
+        num_classes = len(self.class_names)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def stage(self) -> Stage:
+        return self.stages[self.stage_index]
+
+    def set_stage(self, index: int) -> Trainable:
+        """Freeze and unfreeze for stage ``index``; the next fit builds its optimizer from it."""
+        self.stage_index = index
+        self.trainable = set_trainable(self.model, self.stage.unfreeze, self.coarse_blocks)
+        self.train(self.training)
+        return self.trainable
+
+    def train(self, mode: bool = True) -> "ClassifierModule":
+        # Lightning switches modes around every validation run; frozen parts must stay in eval.
+        super().train(mode)
+        if mode and self.trainable is not None:
+            freeze_frozen_modules(self.model, norm_layers_too=self.stage.freeze_bn)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.channels_last:
+            images, labels = batch
+            batch = images.contiguous(memory_format=torch.channels_last), labels
+        return batch
+
+    def _step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        return loss, logits.softmax(dim=-1), labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, probs, labels = self._step(batch)
+        self.train_acc(probs, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, probs, labels = self._step(batch)
+        self.val_metrics.update(probs, labels)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        loss, probs, labels = self._step(batch)
+        self.test_metrics.update(probs, labels)
+        self.test_confusion.update(probs, labels)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
+        self.log_dict(self.test_metrics, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("stage", float(self.stage_index + 1))
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
+    def configure_optimizers(self) -> dict:
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        return build_optimizer(self.model, self.stage, self.optimizer_factory, total_steps,
+                               steps_per_epoch=total_steps / max(1, self.trainer.max_epochs))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["transfer"] = {
+            "stage_index": self.stage_index,
+            "stage_name": self.stage.name,
+            "stage_bests": self.stage_bests,
+            "current_best": self._current_best(),
+            "class_names": self.class_names,
+            "backbone": self.hparams.backbone_name,
+            "input_config": self.hparams.input_config,
+        }
+
+    def _current_best(self) -> dict[str, Any] | None:
+        """The best checkpoint of the stage in progress, so a resumed stage can still pick it."""
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        if callback is None or not getattr(callback, "best_model_path", ""):
+            return None
+        score = callback.best_model_score
+        return {"stage": self.stage.name, "path": callback.best_model_path,
+                "score": None if score is None else float(score)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("transfer", {})
+        self.stage_bests = list(state.get("stage_bests", []))

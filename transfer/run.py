@@ -1,0 +1,200 @@
+"""One training run: data, backbone, the schedule's stages, test with the best checkpoint, results.
+
+`train.py` only composes the config and calls `train`; tests call `train` with composed configs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from transfer.callbacks import EpochSummary
+from transfer.data.datamodule import ImageDataModule
+from transfer.data.sources import subsample
+from transfer.data.transforms import eval_transform, resolve_input, train_transform
+from transfer.errors import TransferError
+from transfer.freezing import set_trainable
+from transfer.module import ClassifierModule
+from transfer.runtime import configure_process
+from transfer.schedule import Stage, parse_stages
+
+log = logging.getLogger("transfer")
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """Never write a run into a directory that already holds one."""
+    used = [p for p in (run_dir / CHECKPOINT_DIR, run_dir / "results.json") if p.exists()]
+    if used and rank_zero_only.rank == 0:
+        raise TransferError(f"'{run_dir}' already holds a run ({used[0].name} exists); a new run "
+                            "needs a new directory. Remove the hydra.run.dir override or pick another.")
+
+
+def resume_point(ckpt_path: str | None) -> tuple[int, dict[str, Any]]:
+    """The stage a checkpoint was written in and its schedule state; (0, {}) without one."""
+    if not ckpt_path:
+        return 0, {}
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise TransferError(f"Checkpoint '{path}' does not exist; pass ckpt_path=PATH to a .ckpt "
+                            "file from a run's checkpoints/ folder (last.ckpt resumes where it stopped).")
+    state = torch.load(path, map_location="cpu", weights_only=False).get("transfer")
+    if state is None:
+        raise TransferError(f"'{path}' was not written by transfer (no schedule state in it).")
+    return int(state["stage_index"]), state
+
+
+def summarize_stages(module: ClassifierModule) -> list[str]:
+    """What each stage trains (it applies each stage's freezing, then leaves stage 0 applied)."""
+    lines = []
+    for index, stage in enumerate(module.stages):
+        trainable = set_trainable(module.model, stage.unfreeze, module.coarse_blocks)
+        lines.append(f"  stage {index + 1} '{stage.name}': {stage.epochs} epoch(s) at lr {stage.lr:g}, "
+                     f"{trainable.describe()}")
+    module.set_stage(0)
+    return lines
+
+
+def better(score: float, than: float, mode: str) -> bool:
+    return score > than if mode == "max" else score < than
+
+
+def best_checkpoint(records: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    scored = [r for r in records if r.get("path") and r.get("score") is not None]
+    if not scored:
+        raise TransferError("No checkpoint was saved: did any validation run? Check the monitor metric.")
+    best = scored[0]
+    for record in scored[1:]:
+        if better(record["score"], best["score"], mode):
+            best = record
+    return best
+
+
+@rank_zero_only
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2))
+
+
+@rank_zero_only
+def write_config(path: Path, cfg: DictConfig) -> None:
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
+                 stages: list[Stage]) -> tuple[ClassifierModule, dict[str, Any]]:
+    model = instantiate(cfg.backbone, num_classes=num_classes)
+    # Precedence: the user's input.* > the dataset's hints (data.input.*) > the backbone's config.
+    hints = OmegaConf.merge(cfg.data.get("input") or {}, {k: v for k, v in (cfg.get("input") or {}).items()
+                                                          if v is not None})
+    input_config = resolve_input(model, hints)
+    module = ClassifierModule(
+        model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
+        backbone_name=cfg.backbone.name, input_config=input_config,
+        label_smoothing=cfg.get("label_smoothing", 0.0), channels_last=cfg.get("channels_last", False),
+        coarse_blocks=cfg.get("coarse_blocks", True))
+    return module, input_config
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit every stage of the schedule, test the best checkpoint and write ``results.json``."""
+    started = time.perf_counter()
+    configure_process(cfg.get("malloc_tuning", True))
+    run_dir = Path(cfg.paths.output_dir)
+    check_fresh_run_dir(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+    table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
+    stages = parse_stages(cfg.schedule.stages)
+    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages)
+    with open_dict(cfg):
+        cfg.input = input_config  # the augmentation YAML refers to ${input.size}
+    write_config(run_dir / "config.yaml", cfg)
+
+    augmentations = instantiate(cfg.augment.train) if cfg.augment.get("train") else None
+    datamodule = ImageDataModule(
+        table, train_transform(augmentations, input_config), eval_transform(input_config),
+        input_size=input_config["size"], batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers,
+        test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+        pin_memory=cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto"))
+    datamodule.check_transforms()
+    counts = datamodule.split_counts()
+    log.info("Data '%s': %d images, classes %s", table.name, len(table.paths), table.class_names)
+    for split, per_class in counts.items():
+        log.info("  %-5s %5d  %s", split, sum(per_class.values()), per_class)
+    log.info("Backbone %s, input %s, mean %s, std %s", cfg.backbone.name, input_config["size"],
+             input_config["mean"], input_config["std"])
+    log.info("Schedule (%d stage(s)):\n%s", len(stages), "\n".join(summarize_stages(module)))
+
+    start, resumed = resume_point(cfg.get("ckpt_path"))
+    if cfg.get("ckpt_path"):
+        log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, stages[start].name)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    monitor, mode = cfg.monitor.metric, cfg.monitor.mode
+    stage_reports = []
+    for index in range(start, len(stages)):
+        stage = stages[index]
+        trainable = module.set_stage(index)
+        log.info("Stage %d/%d '%s': %s", index + 1, len(stages), stage.name, trainable.describe())
+        checkpoint = ModelCheckpoint(
+            dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
+            monitor=monitor, mode=mode, save_top_k=1, save_last=True, auto_insert_metric_name=False)
+        trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=stage.epochs, logger=logger,
+                                         callbacks=[checkpoint, EpochSummary(stage.name)],
+                                         default_root_dir=run_dir)
+        stage_started = time.perf_counter()
+        resuming = index == start and cfg.get("ckpt_path")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path if resuming else None)
+        record = {"stage": stage.name, "path": checkpoint.best_model_path,
+                  "score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)}
+        if resuming and resumed.get("current_best"):  # the best epoch before the interruption
+            earlier = resumed["current_best"]
+            if record["score"] is None or (earlier["score"] is not None
+                                           and better(earlier["score"], record["score"], mode)):
+                record = earlier
+        module.stage_bests.append(record)
+        stage_reports.append({**vars(stage), "trainable": trainable.describe(),
+                              "trainable_params": trainable.trainable_params,
+                              "frozen_params": trainable.frozen_params,
+                              "best_checkpoint": record["path"], f"best_{monitor}": record["score"],
+                              "seconds": round(time.perf_counter() - stage_started, 1)})
+
+    best = best_checkpoint(module.stage_bests, mode)
+    log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], monitor, best["score"], best["stage"])
+    tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=run_dir)
+    tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
+    confusion = module.test_confusion.compute().tolist()
+    test_metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in tested.items()}
+    log.info("Test: %s", "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
+    log.info("Confusion matrix (rows: true %s; columns: predicted):\n%s", table.class_names,
+             "\n".join(f"  {name:>12s} {row}" for name, row in zip(table.class_names, confusion)))
+    results = {
+        "run_dir": str(run_dir),
+        "backbone": cfg.backbone.name,
+        "dataset": table.name,
+        "class_names": table.class_names,
+        "split_counts": counts,
+        "input": input_config,
+        "monitor": {"metric": monitor, "mode": mode},
+        "stages": stage_reports,
+        "best_checkpoint": best,
+        "test": test_metrics,
+        "confusion_matrix": confusion,
+        "resumed_from": cfg.get("ckpt_path"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(run_dir / "results.json", results)
+    log.info("Results: %s (%.1f min)", run_dir / "results.json", results["seconds"] / 60)
+    return results

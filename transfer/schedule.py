@@ -1,0 +1,49 @@
+"""The freezing schedule: a list of stages, each trained by its own ``Trainer.fit``.
+
+Why one fit per stage: DDP registers, when it wraps the model, only the parameters that
+require gradients at that moment. Parameters unfrozen later in the same fit are never
+all-reduced, and the replicas drift apart silently (Lightning's BaseFinetuning has this
+problem). A fresh fit per stage re-wraps the model after every change of what trains, builds the
+optimizer and LR scheduler from exactly the parameters that train in that stage (a scheduler
+built before a param group is added would ignore it), and lets a resumed run re-apply the
+stage recorded in its checkpoint before training continues.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
+
+from transfer.errors import ScheduleError
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    unfreeze: int | str = 0      # 0: head only; N: head + last N blocks; "all"
+    lr: float = 1e-3             # peak LR of this stage (later stages typically 10-100x lower)
+    warmup_epochs: float = 0.0   # linear warm-up at the start of the stage
+    min_lr_ratio: float = 0.01   # cosine decay down to lr * min_lr_ratio
+    layer_decay: float | None = None  # timm layer-wise LR decay inside the stage (e.g. 0.7)
+    freeze_bn: bool = False      # keep BatchNorm statistics frozen in unfrozen blocks too
+
+
+def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
+    known = {f.name for f in fields(Stage)}
+    parsed = []
+    for index, raw in enumerate(stages):
+        raw = dict(raw)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ScheduleError(f"Stage {index + 1} has unknown key(s) {unknown}; known: {sorted(known)}.")
+        raw.setdefault("name", f"stage{index + 1}")
+        stage = Stage(**raw)
+        if stage.epochs < 1 or stage.lr <= 0:
+            raise ScheduleError(f"Stage '{stage.name}' needs epochs >= 1 and lr > 0.")
+        parsed.append(stage)
+    if not parsed:
+        raise ScheduleError("The schedule has no stages.")
+    if len({s.name for s in parsed}) != len(parsed):
+        raise ScheduleError("Stage names must be unique; they name checkpoints and log rows.")
+    return parsed
