@@ -1,0 +1,1 @@
+"""Data sources, splits, decoding, transforms and the datamodule."""
