@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 import transfer  # noqa: F401  (process settings and OmegaConf resolvers)
-from transfer.errors import TransferError
+from transfer.errors import user_error_in
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -19,8 +19,11 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         results = train(cfg)
-    except TransferError as error:
-        logging.getLogger("transfer").error("%s", error)
+    except Exception as error:  # a user's mistake gets its one paragraph; a bug keeps its traceback
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        logging.getLogger("transfer").error("%s", user_error)
         sys.exit(1)
     return results["test"].get(cfg.monitor.metric.split("/")[-1])
 

@@ -16,6 +16,7 @@ from transfer.errors import TransferError
 from transfer.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAD_ONLY = [o for o in FAST if not o.startswith("schedule.")] + ["schedule=head_only", "schedule.stages.0.epochs=1"]
 
 
 def test_two_stage_run_writes_a_complete_run_directory(image_folder: Path, tmp_path: Path) -> None:
@@ -43,8 +44,7 @@ def test_two_stage_run_writes_a_complete_run_directory(image_folder: Path, tmp_p
 
 def test_a_run_never_reuses_a_directory(image_folder: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = [*FAST, "data=folder", f"data.root={image_folder}", "schedule=head_only",
-                 "schedule.stages.0.epochs=1"]
+    overrides = [*HEAD_ONLY, "data=folder", f"data.root={image_folder}"]
     train(compose_config(overrides, output_dir=run_dir))
     before = (run_dir / "results.json").read_bytes()
     with pytest.raises(TransferError, match="already holds a run"):
@@ -74,7 +74,7 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_runs_and_each_run_gets_its_own_directory(image_folder: Path, tmp_path: Path) -> None:
-    args = [*FAST, "data=folder", f"data.root={image_folder}", "schedule=head_only", "schedule.stages.0.epochs=1"]
+    args = [*HEAD_ONLY, "data=folder", f"data.root={image_folder}"]
     first = run_cli(*args, cwd=tmp_path)
     second = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -90,3 +90,40 @@ def test_cli_user_errors_are_one_paragraph_without_traceback(tmp_path: Path) -> 
     output = done.stdout + done.stderr
     assert "Unknown backbone 'resnet_50'" in output and "resnet50" in output
     assert "Traceback" not in output
+
+
+class CrashInStage(__import__("lightning").Callback):
+    """Simulates a crash at the start of an epoch of a given stage (after earlier epochs were saved)."""
+
+    def __init__(self, stage_index: int, epoch: int) -> None:
+        self.stage_index, self.epoch = stage_index, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if pl_module.stage_index == self.stage_index and trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_after_the_unfreeze_restores_the_stage(image_folder: Path, tmp_path: Path) -> None:
+    overrides = [*FAST, "data=folder", f"data.root={image_folder}", "schedule.stages.1.epochs=2"]
+    crash = ["+callbacks.crash._target_=tests.test_train.CrashInStage",
+             "+callbacks.crash.stage_index=1", "+callbacks.crash.epoch=1"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_config([*overrides, *crash], output_dir=tmp_path / "crashed"))
+    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["transfer"]["stage_index"] == 1 and saved["epoch"] == 0
+
+    resumed = train(compose_config([*overrides, f"ckpt_path={last}"], output_dir=tmp_path / "resumed"))
+    full = train(compose_config(overrides, output_dir=tmp_path / "full"))
+    assert [s["name"] for s in resumed["stages"]] == ["finetune"]  # stage 1 is not repeated
+    # the same layers train after the resume as in the uninterrupted run's stage 2
+    assert resumed["stages"][0]["trainable_params"] == full["stages"][1]["trainable_params"]
+    # the resumed run's optimizer was restored into stage 2's param groups (same LR schedule)
+    resumed_ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu",
+                              weights_only=False)
+    full_ckpt = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed_ckpt["epoch"] == full_ckpt["epoch"] == 1
+    lrs = [[g["lr"] for g in c["optimizer_states"][0]["param_groups"]] for c in (resumed_ckpt, full_ckpt)]
+    assert lrs[0] == pytest.approx(lrs[1])
+    # the best checkpoint of stage 1 (before the crash) still competes for the final test
+    assert [b["stage"] for b in resumed_ckpt["transfer"]["stage_bests"]] == ["head"]

