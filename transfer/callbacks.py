@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
 import lightning as L
+import torch
 
 log = logging.getLogger("transfer")
 
@@ -31,3 +33,58 @@ class EpochSummary(L.Callback):
         shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()))
         log.info("[%s] epoch %d/%d %s (%.0fs)", self.stage_name, trainer.current_epoch + 1,
                  trainer.max_epochs, shown, time.perf_counter() - self.started)
+
+
+def state_digests(module: torch.nn.Module) -> list[str]:
+    """A SHA-256 of every parameter and buffer, in order: equal lists mean bit-identical models."""
+    return [hashlib.sha256(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            if t.numel() else "empty" for t in module.state_dict().values()]
+
+
+class ReplicaCheck(L.Callback):
+    """Under DDP: all processes share one run directory, and after each fit hold bit-identical weights.
+
+    Replicas that drift apart silently are the classic failure of freezing schedules under DDP
+    (parameters unfrozen after the model was wrapped are never all-reduced); this turns such a
+    drift into a loud error instead of a quietly worse model.
+    """
+
+    def __init__(self) -> None:
+        self.report: dict = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size < 2:
+            return
+        run_dirs = set(_all_gather_object(str(trainer.default_root_dir)))
+        if len(run_dirs) > 1:
+            from transfer.errors import TransferError
+
+            raise TransferError(
+                f"The {trainer.world_size} processes write to different run directories {sorted(run_dirs)}. "
+                "With torchrun or SLURM, give all of them the same one, e.g. "
+                "hydra.run.dir=outputs/runs/$SLURM_JOB_ID (see the README's launch recipes).")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        self.report = {"world_size": trainer.world_size, "train_sampler": type(sampler).__name__}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size < 2:
+            return
+        digests = _all_gather_object(state_digests(pl_module))
+        mismatched = sum(len(set(per_tensor)) > 1 for per_tensor in zip(*digests))
+        self.report.update({"tensors": len(digests[0]), "mismatched_tensors": mismatched,
+                            "identical": mismatched == 0})
+        if mismatched:
+            raise RuntimeError(f"{mismatched} of {len(digests[0])} tensors differ between the "
+                               f"{trainer.world_size} processes after this stage: the replicas diverged.")
+        log.info("Replica check: all %d tensors bit-identical on %d processes", len(digests[0]),
+                 trainer.world_size)
+
+
+def _all_gather_object(obj):
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

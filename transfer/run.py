@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transfer.callbacks import EpochSummary
+from transfer.callbacks import EpochSummary, ReplicaCheck
 from transfer.data.datamodule import ImageDataModule
 from transfer.data.sources import subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
@@ -162,7 +162,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # only saves when the monitored metric improved, which would leave a stale resume point.
         latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1,
                                  monitor=None, enable_version_counter=False)
-        callbacks = [checkpoint, latest, EpochSummary(stage.name), *instantiate_callbacks(cfg)]
+        replicas = ReplicaCheck()
+        callbacks = [checkpoint, latest, EpochSummary(stage.name), replicas, *instantiate_callbacks(cfg)]
         trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=stage.epochs, logger=logger,
                                          callbacks=callbacks, default_root_dir=run_dir)
         stage_started = time.perf_counter()
@@ -186,6 +187,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               "trainable_params": trainable.trainable_params,
                               "frozen_params": trainable.frozen_params,
                               "best_checkpoint": record["path"], f"best_{monitor}": record["score"],
+                              "distributed": replicas.report,
                               "seconds": round(time.perf_counter() - stage_started, 1)})
 
     best = best_checkpoint(module.stage_bests, mode)
@@ -210,6 +212,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": test_metrics,
         "confusion_matrix": confusion,
         "resumed_from": cfg.get("ckpt_path"),
+        "world_size": tester.world_size,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(run_dir / "results.json", results)

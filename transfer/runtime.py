@@ -53,6 +53,7 @@ def quiet_lightning() -> None:
         ".*does not have many workers which may be a bottleneck.*",  # workers are chosen per machine
         ".*Experiment logs directory .* exists and is not empty.*",  # one CSV log across stages
         ".*overridden `on_after_batch_transfer`.*",  # channels_last conversion lives in the module
+        ".*The dirpath has changed from.*",  # a resumed run writes to its own new directory
     ):
         warnings.filterwarnings("ignore", message=message)
 
@@ -61,3 +62,7 @@ def configure_process(malloc_tuning: bool = True) -> None:
     if malloc_tuning:
         keep_freed_memory()
     quiet_lightning()
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # other processes report through rank 0; keep their warnings
+        logging.getLogger("transfer").setLevel(logging.WARNING)

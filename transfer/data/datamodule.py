@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from transfer.data.images import load_rgb
 from transfer.data.sources import ImageTable
@@ -34,6 +34,23 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], int(self.labels[index])
 
 
+class EvenlySplit(Sampler[int]):
+    """Evaluation indices ``rank, rank + N, ...``: every image exactly once across N processes.
+
+    Unlike DistributedSampler it never pads with repeated images, so metrics gathered across
+    processes (torchmetrics syncs them) equal those of a single process.
+    """
+
+    def __init__(self, length: int, replicas: int = 1, rank: int = 0) -> None:
+        self.indices = list(range(rank, length, replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, table: ImageTable, train_transform: Callable, eval_transform: Callable,
                  input_size: tuple[int, int], batch_size: int = 32, eval_batch_size: int | None = None,
@@ -48,6 +65,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
         self.splits = split_indices(table.labels, test_fraction, val_fraction, seed, table.splits)
         for name in ("train", "val"):
             if len(self.splits[name]) == 0:
@@ -76,11 +94,29 @@ class ImageDataModule(L.LightningDataModule):
                     f"expects {self.input_size}. End the augmentation list with a crop or resize to "
                     "${input.size} (see conf/augment/standard.yaml).")
 
+    def _train_sampler(self, dataset: Dataset) -> DistributedSampler:
+        """The training order depends only on (seed, epoch), never on the number of processes.
+
+        Each of N processes takes every N-th index of the same seeded permutation, so N processes
+        with batch B see, step by step, the same global batches as one process with batch N*B, and
+        a resumed run sees the same order as an uninterrupted one. Lightning keeps a
+        DistributedSampler it is given and calls ``set_epoch`` on it every epoch.
+        """
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+
+    def _eval_sampler(self, dataset: Dataset) -> "EvenlySplit":
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return EvenlySplit(len(dataset), replicas, rank)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=self._train_sampler(dataset) if shuffle else self._eval_sampler(dataset),
             drop_last=shuffle and len(self.splits[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,103 @@
+"""DDP on CPU (gloo, 2 processes), launched the way users launch it: python train.py trainer=ddp."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# No randomness but the data order: no augmentation, no dropout, BatchNorm frozen in every stage
+# (per-process batch statistics would differ from single-process ones by design).
+COMMON = [
+    "backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false", "input.size=32",
+    "augment=none", "data=folder", "data.num_workers=0", "data.test_fraction=0.2", "data.val_fraction=0.1",
+    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "schedule.stages.1.unfreeze=2",
+    "schedule.stages.1.freeze_bn=true", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+]
+
+
+def run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, Path]:
+    log_dir = tmp_path / name
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, *overrides, f"paths.log_dir={log_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (run_dir,) = (log_dir / "runs").iterdir()
+    return json.loads((run_dir / "results.json").read_text()), run_dir
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    images = write_image_folder(tmp_path / "images", per_class=20)
+    ddp = run(tmp_path, "ddp", f"data.root={images}", "trainer=ddp", "trainer.devices=2", "data.batch_size=4")
+    single = run(tmp_path, "single", f"data.root={images}", "data.batch_size=8")
+    return {"ddp": ddp, "single": single}
+
+
+def test_replicas_are_bit_identical_after_every_stage(runs) -> None:
+    results, _ = runs["ddp"]
+    assert results["world_size"] == 2
+    for stage in results["stages"]:
+        report = stage["distributed"]
+        assert report["world_size"] == 2 and report["train_sampler"] == "DistributedSampler"
+        assert report["identical"] and report["mismatched_tensors"] == 0 and report["tensors"] > 50
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(runs) -> None:
+    (ddp_results, ddp_dir), (single_results, single_dir) = runs["ddp"], runs["single"]
+    ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
+    assert ddp_weights.keys() == single_weights.keys()
+    trained = [k for k in single_weights if not torch.equal(single_weights[k], weights_at_init(single_dir)[k])]
+    assert len(trained) > 4  # stage 2 really changed the unfrozen blocks
+    for key in ddp_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+    # metrics are gathered over both processes' shares of the test set: the same as one process
+    for metric in ("acc", "f1", "auroc"):
+        assert ddp_results["test"][metric] == pytest.approx(single_results["test"][metric], abs=1e-6)
+    assert ddp_results["confusion_matrix"] == single_results["confusion_matrix"]
+
+
+def weights_at_init(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The head-stage checkpoint: everything but the head still at initialisation."""
+    (head,) = (run_dir / "checkpoints").glob("head-*.ckpt")
+    return torch.load(head, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_only_rank_zero_writes_run_files(runs) -> None:
+    _, ddp_dir = runs["ddp"]
+    _, single_dir = runs["single"]
+    def files(d: Path) -> set[str]:
+        return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+    extra = files(ddp_dir) - files(single_dir)
+    assert extra == {"train_ddp_process_1.log"}  # rank 1's own log (Hydra), nothing else
+    assert "Test:" not in (ddp_dir / "train_ddp_process_1.log").read_text()
+
+
+def torchrun(tmp_path: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), *COMMON, f"data.root={images}", "trainer=ddp", "trainer.devices=2",
+               "data.batch_size=4", "schedule.stages.1.epochs=1", f"paths.log_dir={tmp_path / 'out'}", *overrides]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_recipe_needs_and_uses_one_shared_run_directory(tmp_path: Path) -> None:
+    images = write_image_folder(tmp_path / "images", per_class=10)
+    apart = torchrun(tmp_path, images)  # each process would pick its own timestamped directory
+    assert apart.returncode != 0
+    assert "hydra.run.dir=" in apart.stdout + apart.stderr
+    shared = torchrun(tmp_path, images, f"hydra.run.dir={tmp_path / 'out' / 'runs' / 'job-1'}")
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "runs" / "job-1" / "results.json").read_text())
+    assert all(stage["distributed"]["identical"] for stage in results["stages"])
