@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer.callbacks import EpochSummary, ReplicaCheck
 from transfer.data.datamodule import ImageDataModule
-from transfer.data.sources import subsample
+from transfer.data.sources import ImageTable, subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
 from transfer.errors import TransferError
 from transfer.freezing import set_trainable
@@ -112,6 +112,86 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
+def build_datamodule(cfg: DictConfig, table: ImageTable, input_config: dict[str, Any]) -> ImageDataModule:
+    augmentations = instantiate(cfg.augment.train) if cfg.augment.get("train") else None
+    datamodule = ImageDataModule(
+        table, train_transform(augmentations, input_config), eval_transform(input_config),
+        input_size=input_config["size"], batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers,
+        test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu")
+    datamodule.check_transforms()
+    return datamodule
+
+
+def log_setup(cfg: DictConfig, datamodule: ImageDataModule, module: ClassifierModule) -> None:
+    table, config = datamodule.table, module.hparams.input_config
+    log.info("Data '%s': %d images, classes %s", table.name, len(table.paths), table.class_names)
+    for split, per_class in datamodule.split_counts().items():
+        log.info("  %-5s %5d  %s", split, sum(per_class.values()), per_class)
+    log.info("Backbone %s, input %s, mean %s, std %s", cfg.backbone.name, config["size"], config["mean"],
+             config["std"])
+    log.info("Schedule (%d stage(s)):\n%s", len(module.stages), "\n".join(summarize_stages(module)))
+
+
+def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, index: int,
+              logger: Any, resume: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """One schedule stage as one ``Trainer.fit``; returns the stage's report for results.json.
+
+    ``resume`` is (checkpoint path, its schedule state) when this stage continues an interrupted run.
+    """
+    run_dir, stage = Path(cfg.paths.output_dir), module.stages[index]
+    monitor, mode = cfg.monitor.metric, cfg.monitor.mode
+    trainable = module.set_stage(index)
+    log.info("Stage %d/%d '%s': %s", index + 1, len(module.stages), stage.name, trainable.describe())
+    best = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
+                           monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
+    # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
+    # saves when the monitored metric improved, which would leave a stale resume point.
+    latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1,
+                             monitor=None, enable_version_counter=False)
+    replicas = ReplicaCheck()
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir,
+        callbacks=[best, latest, EpochSummary(stage.name), replicas, *instantiate_callbacks(cfg)])
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
+    except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into SystemExit(1)
+        log.error("Interrupted in stage %d '%s'. The last finished epoch is in %s; resume with "
+                  "python train.py ckpt_path=%s (and this run's other overrides).", index + 1,
+                  stage.name, run_dir / CHECKPOINT_DIR, run_dir / CHECKPOINT_DIR / "last.ckpt")
+        raise
+    record = {"stage": stage.name, "path": best.best_model_path,
+              "score": None if best.best_model_score is None else float(best.best_model_score)}
+    earlier = resume[1].get("current_best") if resume else None  # the best epoch before the interruption
+    if earlier and earlier["score"] is not None and (
+            record["score"] is None or better(earlier["score"], record["score"], mode)):
+        record = earlier
+    module.stage_bests.append(record)
+    return {**vars(stage), "trainable": trainable.describe(), "trainable_params": trainable.trainable_params,
+            "frozen_params": trainable.frozen_params, "best_checkpoint": record["path"],
+            f"best_{monitor}": record["score"], "distributed": replicas.report,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule,
+              logger: Any) -> tuple[dict[str, Any], dict[str, float], list[list[int]], int]:
+    """Test the best checkpoint over all stages: (best record, metrics, confusion matrix, world size)."""
+    best = best_checkpoint(module.stage_bests, cfg.monitor.mode)
+    log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], cfg.monitor.metric, best["score"],
+             best["stage"])
+    tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=cfg.paths.output_dir)
+    tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
+    confusion = module.test_confusion.compute().tolist()
+    metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in tested.items()}
+    names = module.class_names
+    log.info("Test: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    log.info("Confusion matrix (rows: true %s; columns: predicted):\n%s", names,
+             "\n".join(f"  {name:>12s} {row}" for name, row in zip(names, confusion)))
+    return best, metrics, confusion, tester.world_size
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit every stage of the schedule, test the best checkpoint and write ``results.json``."""
     started = time.perf_counter()
@@ -123,96 +203,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    stages = parse_stages(cfg.schedule.stages)
-    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages)
+    module, input_config = build_module(cfg, table.num_classes, table.class_names, parse_stages(cfg.schedule.stages))
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
     write_config(run_dir / "config.yaml", cfg)
-
-    augmentations = instantiate(cfg.augment.train) if cfg.augment.get("train") else None
-    datamodule = ImageDataModule(
-        table, train_transform(augmentations, input_config), eval_transform(input_config),
-        input_size=input_config["size"], batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers,
-        test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu")
-    datamodule.check_transforms()
-    counts = datamodule.split_counts()
-    log.info("Data '%s': %d images, classes %s", table.name, len(table.paths), table.class_names)
-    for split, per_class in counts.items():
-        log.info("  %-5s %5d  %s", split, sum(per_class.values()), per_class)
-    log.info("Backbone %s, input %s, mean %s, std %s", cfg.backbone.name, input_config["size"],
-             input_config["mean"], input_config["std"])
-    log.info("Schedule (%d stage(s)):\n%s", len(stages), "\n".join(summarize_stages(module)))
+    datamodule = build_datamodule(cfg, table, input_config)
+    log_setup(cfg, datamodule, module)
 
     start, resumed = resume_point(cfg.get("ckpt_path"))
     if cfg.get("ckpt_path"):
-        log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, stages[start].name)
+        log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, module.stages[start].name)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    monitor, mode = cfg.monitor.metric, cfg.monitor.mode
-    stage_reports = []
-    for index in range(start, len(stages)):
-        stage = stages[index]
-        trainable = module.set_stage(index)
-        log.info("Stage %d/%d '%s': %s", index + 1, len(stages), stage.name, trainable.describe())
-        checkpoint = ModelCheckpoint(
-            dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
-            monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
-        # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last
-        # only saves when the monitored metric improved, which would leave a stale resume point.
-        latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1,
-                                 monitor=None, enable_version_counter=False)
-        replicas = ReplicaCheck()
-        callbacks = [checkpoint, latest, EpochSummary(stage.name), replicas, *instantiate_callbacks(cfg)]
-        trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=stage.epochs, logger=logger,
-                                         callbacks=callbacks, default_root_dir=run_dir)
-        stage_started = time.perf_counter()
-        resuming = index == start and cfg.get("ckpt_path")
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path if resuming else None)
-        except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into SystemExit(1)
-            log.error("Interrupted in stage %d '%s'. The last finished epoch is in %s; resume with "
-                      "python train.py ckpt_path=%s (and this run's other overrides).", index + 1,
-                      stage.name, run_dir / CHECKPOINT_DIR, run_dir / CHECKPOINT_DIR / "last.ckpt")
-            raise
-        record = {"stage": stage.name, "path": checkpoint.best_model_path,
-                  "score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score)}
-        if resuming and resumed.get("current_best"):  # the best epoch before the interruption
-            earlier = resumed["current_best"]
-            if record["score"] is None or (earlier["score"] is not None
-                                           and better(earlier["score"], record["score"], mode)):
-                record = earlier
-        module.stage_bests.append(record)
-        stage_reports.append({**vars(stage), "trainable": trainable.describe(),
-                              "trainable_params": trainable.trainable_params,
-                              "frozen_params": trainable.frozen_params,
-                              "best_checkpoint": record["path"], f"best_{monitor}": record["score"],
-                              "distributed": replicas.report,
-                              "seconds": round(time.perf_counter() - stage_started, 1)})
+    stage_reports = [
+        fit_stage(cfg, module, datamodule, index, logger,
+                  resume=(cfg.ckpt_path, resumed) if index == start and cfg.get("ckpt_path") else None)
+        for index in range(start, len(module.stages))]
+    best, test_metrics, confusion, world_size = evaluate_best(cfg, module, datamodule, logger)
 
-    best = best_checkpoint(module.stage_bests, mode)
-    log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], monitor, best["score"], best["stage"])
-    tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=run_dir)
-    tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
-    confusion = module.test_confusion.compute().tolist()
-    test_metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in tested.items()}
-    log.info("Test: %s", "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
-    log.info("Confusion matrix (rows: true %s; columns: predicted):\n%s", table.class_names,
-             "\n".join(f"  {name:>12s} {row}" for name, row in zip(table.class_names, confusion)))
     results = {
         "run_dir": str(run_dir),
         "backbone": cfg.backbone.name,
         "dataset": table.name,
         "class_names": table.class_names,
-        "split_counts": counts,
+        "split_counts": datamodule.split_counts(),
         "input": input_config,
-        "monitor": {"metric": monitor, "mode": mode},
+        "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "stages": stage_reports,
         "best_checkpoint": best,
         "test": test_metrics,
         "confusion_matrix": confusion,
         "resumed_from": cfg.get("ckpt_path"),
-        "world_size": tester.world_size,
+        "world_size": world_size,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(run_dir / "results.json", results)
