@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Mapping
 
 import lightning as L
@@ -15,7 +14,6 @@ from transfer.data.sources import ImageTable
 from transfer.data.splits import split_indices
 from transfer.errors import DataError
 
-log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
