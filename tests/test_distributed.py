@@ -41,7 +41,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("ddp")
     images = write_image_folder(tmp_path / "images", per_class=20)
-    ddp = run(tmp_path, "ddp", f"data.root={images}", "trainer=ddp", "trainer.devices=2", "data.batch_size=4")
+    # The DDP run also trains its head stage on cached features: it must still match plain images.
+    ddp = run(tmp_path, "ddp", f"data.root={images}", "trainer=ddp", "trainer.devices=2", "data.batch_size=4",
+              "feature_cache=true")
     single = run(tmp_path, "single", f"data.root={images}", "data.batch_size=8")
     return {"ddp": ddp, "single": single}
 
@@ -49,6 +51,7 @@ def runs(tmp_path_factory) -> dict:
 def test_replicas_are_bit_identical_after_every_stage(runs) -> None:
     results, _ = runs["ddp"]
     assert results["world_size"] == 2
+    assert [stage["feature_cache"] for stage in results["stages"]] == [True, False]
     for stage in results["stages"]:
         report = stage["distributed"]
         assert report["world_size"] == 2 and report["train_sampler"] == "DistributedSampler"

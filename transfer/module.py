@@ -11,12 +11,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from transfer.feature_cache import classify_features
 from transfer.freezing import Trainable, freeze_frozen_modules, set_trainable
 from transfer.metrics import classification_metrics
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
 
 log = logging.getLogger(__name__)
+
+
+def compile_in_place(model: nn.Module) -> None:
+    """``torch.compile`` the two halves timm models are made of; parameter names do not change.
+
+    Compiling the methods (not wrapping the module) keeps checkpoints, DDP and the head-only path,
+    which calls ``forward_features`` directly, as they are.
+    """
+    model.forward_features = torch.compile(model.forward_features)
+    model.forward_head = torch.compile(model.forward_head)
 
 
 class ClassifierModule(L.LightningModule):
@@ -29,7 +40,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, class_names: Sequence[str], stages: Sequence[Stage],
                  optimizer: Callable[..., torch.optim.Optimizer], backbone_name: str,
                  input_config: dict[str, Any], label_smoothing: float = 0.0,
-                 channels_last: bool = False, coarse_blocks: bool = True) -> None:
+                 channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "stages"])
         self.model = model
@@ -40,6 +51,7 @@ class ClassifierModule(L.LightningModule):
         self.coarse_blocks = coarse_blocks
         self.stage_index = 0
         self.trainable: Trainable | None = None
+        self.features_cached = False  # this stage's batches hold pooled features, not images
         # Best checkpoint of each finished stage: [{"stage", "path", "score"}], kept across resumes.
         self.stage_bests: list[dict[str, Any]] = []
         num_classes = len(self.class_names)
@@ -49,14 +61,20 @@ class ClassifierModule(L.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if compile_model:
+            compile_in_place(self.model)
 
     @property
     def stage(self) -> Stage:
         return self.stages[self.stage_index]
 
-    def set_stage(self, index: int) -> Trainable:
-        """Freeze and unfreeze for stage ``index``; the next fit builds its optimizer from it."""
+    def set_stage(self, index: int, features_cached: bool = False) -> Trainable:
+        """Freeze and unfreeze for stage ``index``; the next fit builds its optimizer from it.
+
+        ``features_cached``: this stage trains the head on `transfer.feature_cache` features.
+        """
         self.stage_index = index
+        self.features_cached = features_cached
         self.trainable = set_trainable(self.model, self.stage.unfreeze, self.coarse_blocks)
         self.train(self.training)
         return self.trainable
@@ -68,13 +86,20 @@ class ClassifierModule(L.LightningModule):
             freeze_frozen_modules(self.model, norm_layers_too=self.stage.freeze_bn)
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.features_cached:
+            return classify_features(self.model, inputs)
+        if self.training and self.trainable is not None and self.trainable.blocks == 0:
+            # Head only: the frozen backbone runs without autograd bookkeeping at all.
+            with torch.inference_mode():
+                features = self.model.forward_features(inputs)
+            return self.model.forward_head(features.clone())
+        return self.model(inputs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.channels_last:
-            images, labels = batch
-            batch = images.contiguous(memory_format=torch.channels_last), labels
+        inputs, labels = batch
+        if self.channels_last and inputs.dim() == 4:
+            batch = inputs.contiguous(memory_format=torch.channels_last), labels
         return batch
 
     def _step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from transfer.data.datamodule import ImageDataModule
 from transfer.data.sources import ImageTable, subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
 from transfer.errors import TransferError
+from transfer.feature_cache import FeatureDataModule
 from transfer.freezing import set_trainable
 from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
@@ -103,7 +104,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
         backbone_name=cfg.backbone.name, input_config=input_config,
         label_smoothing=cfg.get("label_smoothing", 0.0), channels_last=cfg.get("channels_last", False),
-        coarse_blocks=cfg.get("coarse_blocks", True))
+        coarse_blocks=cfg.get("coarse_blocks", True), compile_model=cfg.get("compile", False))
     return module, input_config
 
 
@@ -134,6 +135,22 @@ def log_setup(cfg: DictConfig, datamodule: ImageDataModule, module: ClassifierMo
     log.info("Schedule (%d stage(s)):\n%s", len(module.stages), "\n".join(summarize_stages(module)))
 
 
+def uses_feature_cache(cfg: DictConfig, stage: Stage) -> bool:
+    return bool(cfg.get("feature_cache")) and stage.unfreeze == 0
+
+
+def check_feature_cache(cfg: DictConfig, stages: list[Stage]) -> None:
+    """A cache of random augmentations would silently train on one frozen draw of them."""
+    if not cfg.get("feature_cache"):
+        return
+    if not any(uses_feature_cache(cfg, stage) for stage in stages):
+        log.warning("feature_cache=true has no effect: no stage of this schedule is head-only.")
+    elif cfg.augment.get("train"):
+        raise TransferError(
+            "feature_cache=true computes each image's backbone features once, so it needs training "
+            "images without random augmentation: add augment=none, or drop feature_cache=true.")
+
+
 def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, index: int,
               logger: Any, resume: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
     """One schedule stage as one ``Trainer.fit``; returns the stage's report for results.json.
@@ -142,8 +159,11 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     """
     run_dir, stage = Path(cfg.paths.output_dir), module.stages[index]
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
-    trainable = module.set_stage(index)
-    log.info("Stage %d/%d '%s': %s", index + 1, len(module.stages), stage.name, trainable.describe())
+    cached = uses_feature_cache(cfg, stage)
+    trainable = module.set_stage(index, features_cached=cached)
+    log.info("Stage %d/%d '%s': %s%s", index + 1, len(module.stages), stage.name, trainable.describe(),
+             ", on cached backbone features" if cached else "")
+    data = FeatureDataModule(datamodule, module.model, module.channels_last) if cached else datamodule
     best = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
                            monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
     # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
@@ -156,7 +176,7 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
         callbacks=[best, latest, EpochSummary(stage.name), replicas, *instantiate_callbacks(cfg)])
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume[0] if resume else None)
+        trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
     except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into SystemExit(1)
         log.error("Interrupted in stage %d '%s'. The last finished epoch is in %s; resume with "
                   "python train.py ckpt_path=%s (and this run's other overrides).", index + 1,
@@ -169,7 +189,8 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
             record["score"] is None or better(earlier["score"], record["score"], mode)):
         record = earlier
     module.stage_bests.append(record)
-    return {**vars(stage), "trainable": trainable.describe(), "trainable_params": trainable.trainable_params,
+    module.set_stage(index)  # back to images, e.g. for testing
+    return {**vars(stage), "feature_cache": cached, "trainable": trainable.describe(), "trainable_params": trainable.trainable_params,
             "frozen_params": trainable.frozen_params, "best_checkpoint": record["path"],
             f"best_{monitor}": record["score"], "distributed": replicas.report,
             "seconds": round(time.perf_counter() - started, 1)}
@@ -202,8 +223,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
+    stages = parse_stages(cfg.schedule.stages)
+    check_feature_cache(cfg, stages)
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    module, input_config = build_module(cfg, table.num_classes, table.class_names, parse_stages(cfg.schedule.stages))
+    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
     write_config(run_dir / "config.yaml", cfg)

@@ -15,7 +15,6 @@ from transfer.data.splits import split_indices
 from transfer.errors import DataError
 
 
-
 class ImageDataset(Dataset):
     """Decodes files on demand; a decode failure raises `ImageReadError` naming the file."""
 
@@ -47,6 +46,26 @@ class EvenlySplit(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def _processes(trainer: "L.Trainer | None") -> tuple[int, int]:
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def train_sampler(dataset: Dataset, trainer: "L.Trainer | None", seed: int) -> DistributedSampler:
+    """The training order depends only on (seed, epoch), never on the number of processes.
+
+    Each of N processes takes every N-th index of the same seeded permutation, so N processes
+    with batch B see, step by step, the same global batches as one process with batch N*B, and
+    a resumed run sees the same order as an uninterrupted one. Lightning keeps a
+    DistributedSampler it is given and calls ``set_epoch`` on it every epoch.
+    """
+    replicas, rank = _processes(trainer)
+    return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+
+
+def eval_sampler(dataset: Dataset, trainer: "L.Trainer | None") -> EvenlySplit:
+    return EvenlySplit(len(dataset), *_processes(trainer))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -92,29 +111,12 @@ class ImageDataModule(L.LightningDataModule):
                     f"expects {self.input_size}. End the augmentation list with a crop or resize to "
                     "${input.size} (see conf/augment/standard.yaml).")
 
-    def _train_sampler(self, dataset: Dataset) -> DistributedSampler:
-        """The training order depends only on (seed, epoch), never on the number of processes.
-
-        Each of N processes takes every N-th index of the same seeded permutation, so N processes
-        with batch B see, step by step, the same global batches as one process with batch N*B, and
-        a resumed run sees the same order as an uninterrupted one. Lightning keeps a
-        DistributedSampler it is given and calls ``set_epoch`` on it every epoch.
-        """
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-
-    def _eval_sampler(self, dataset: Dataset) -> "EvenlySplit":
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return EvenlySplit(len(dataset), replicas, rank)
-
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=self._train_sampler(dataset) if shuffle else self._eval_sampler(dataset),
+            sampler=train_sampler(dataset, self.trainer, self.seed) if shuffle else eval_sampler(dataset, self.trainer),
             drop_last=shuffle and len(self.splits[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,284 @@
+"""Training speed of the toolkit against a plain PyTorch loop, stage by stage, in one table.
+
+Both sides run the same model, batch size, resolution, data (the toolkit's ELPV dataset: decode,
+augment, collate in the configured DataLoader workers), threads and process settings
+(channels_last, glibc malloc tuning); the plain loop is written below with no Lightning and no
+Hydra. Each cell runs in its own process, so its peak memory is its own.
+
+    python benchmarks/speed.py [--model tf_efficientnet_lite0] [--batch 32] [--size 224]
+                               [--unfreeze 3] [--steps 8] [--compile] [--trainer cpu|gpu]
+
+Rows: the data pipeline alone; head-only, partial and full fine-tuning (toolkit vs plain loop);
+a head-only stage without random augmentation, with and without the feature cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = [("head only", 0), ("partial", None), ("full", "all")]  # None: --unfreeze blocks
+
+
+def compose(args: argparse.Namespace, unfreeze: int | str, extra: list[str] = ()) -> Any:
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    overrides = [f"trainer={args.trainer}", "schedule=head_only", f"schedule.stages.0.unfreeze={unfreeze}",
+                 f"data.batch_size={args.batch}", f"input.size={args.size}", "logger=csv",
+                 *([f"data.num_workers={args.workers}"] if args.workers is not None else []), *extra]
+    if args.model != "tf_efficientnet_lite0":
+        overrides += ["backbone=timm", f"backbone.name={args.model}", "backbone.pretrained=false"]  # speed only
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def setup(cfg: Any) -> tuple[Any, Any]:
+    """The toolkit's own module and datamodule for this config, as ``train.py`` builds them."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from transfer.data.sources import subsample
+    from transfer.run import build_datamodule, build_module
+    from transfer.runtime import configure_process
+    from transfer.schedule import parse_stages
+
+    configure_process(cfg.malloc_tuning)
+    torch.manual_seed(0)
+    table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
+    module, input_config = build_module(cfg, table.num_classes, table.class_names, parse_stages(cfg.schedule.stages))
+    with open_dict(cfg):
+        cfg.input = input_config
+    return module, build_datamodule(cfg, table, input_config)
+
+
+def peak_memory() -> dict[str, float]:
+    import torch
+
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
+
+
+def data_cell(args: argparse.Namespace, workers: int) -> dict[str, float]:
+    """Decode + augment + collate only: how fast the DataLoader can feed the model."""
+    cfg = compose(args, 0, [f"data.num_workers={workers}"])  # after --workers: this cell's own count
+    _, datamodule = setup(cfg)
+    batches = iter(datamodule.train_dataloader())
+    for _ in range(args.warmup):
+        next(batches)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        next(batches)
+    return {"images_per_s": args.steps * args.batch / (time.perf_counter() - started), **peak_memory()}
+
+
+def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str] = ()) -> dict[str, float]:
+    """One stage through the toolkit: Lightning Trainer, ClassifierModule, ImageDataModule, logger."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    class StepTimer(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if batch_idx == args.warmup:
+                self.started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.finished, self.batches = time.perf_counter(), batch_idx + 1 - args.warmup
+
+    cfg = compose(args, unfreeze, extra)
+    with tempfile.TemporaryDirectory() as run_dir:
+        with open_dict(cfg):
+            cfg.paths.output_dir = run_dir
+        module, datamodule = setup(cfg)
+        module.set_stage(0)
+        timer = StepTimer()
+        trainer = instantiate(cfg.trainer, max_epochs=1, limit_train_batches=args.warmup + args.steps,
+                              limit_val_batches=0, enable_checkpointing=False, logger=instantiate(cfg.logger),
+                              callbacks=[timer], default_root_dir=run_dir)
+        trainer.fit(module, datamodule=datamodule)
+    return {"images_per_s": timer.batches * args.batch / (timer.finished - timer.started), **peak_memory()}
+
+
+def cached_cell(args: argparse.Namespace) -> dict[str, float]:
+    """A head-only stage on cached features: the one-off extraction, then whole epochs."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from transfer.feature_cache import FeatureDataModule
+
+    class EpochTimer(L.Callback):
+        seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.seconds.append(time.perf_counter() - self.started)
+
+    cfg = compose(args, 0, ["augment=none", "feature_cache=true"])
+    module, images = setup(cfg)
+    module.set_stage(0, features_cached=True)
+    features = FeatureDataModule(images, module.model, module.channels_last)
+    started = time.perf_counter()
+    features.setup("fit")
+    extraction = time.perf_counter() - started
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = instantiate(cfg.trainer, max_epochs=4, limit_val_batches=0, enable_checkpointing=False,
+                              logger=False, callbacks=[timer], default_root_dir=run_dir)
+        trainer.fit(module, datamodule=features)
+    later = sorted(timer.seconds[1:])[len(timer.seconds[1:]) // 2]  # median epoch after the first
+    images_per_epoch = len(features.cached["train"]) // args.batch * args.batch
+    return {"images_per_s": images_per_epoch / later, "extraction_s": extraction, **peak_memory()}
+
+
+def plain_cell(args: argparse.Namespace, unfreeze: int | str) -> dict[str, float]:
+    """The same stage as a hand-written loop: a DataLoader over the same dataset, AdamW, backward."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from transfer.freezing import freeze_frozen_modules, set_trainable
+
+    cfg = compose(args, unfreeze)
+    module, datamodule = setup(cfg)  # the same model object and dataset; nothing of Lightning runs
+    model = module.model
+    device = torch.device("cuda" if args.trainer == "gpu" else "cpu")
+    model.to(device)
+    head_only = set_trainable(model, unfreeze).blocks == 0
+    model.train()
+    freeze_frozen_modules(model, norm_layers_too=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loader = DataLoader(datamodule.dataset("train"), batch_size=args.batch, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                        pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batches = iter(loader)
+    for step in range(args.warmup + args.steps):
+        images, labels = next(batches)
+        if step == args.warmup:
+            started = time.perf_counter()
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            if head_only:
+                with torch.no_grad():
+                    features = model.forward_features(images)
+                logits = model.forward_head(features)
+            else:
+                logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"images_per_s": args.steps * args.batch / (time.perf_counter() - started), **peak_memory()}
+
+
+def run_cell(args: argparse.Namespace, cell: list) -> dict[str, float]:
+    command = [sys.executable, __file__, "--cell", json.dumps(cell)]
+    for key in ("model", "batch", "size", "unfreeze", "steps", "warmup", "trainer", "workers"):
+        if getattr(args, key) is not None:
+            command += [f"--{key}", str(getattr(args, key))]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"cell {cell} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def in_child(args: argparse.Namespace) -> dict[str, float]:
+    kind, value = json.loads(args.cell)
+    if kind == "data":
+        return data_cell(args, value)
+    if kind == "cached":
+        return cached_cell(args)
+    if kind == "toolkit-noaug":
+        return toolkit_cell(args, value, ["augment=none"])
+    if kind == "toolkit-compiled":
+        return toolkit_cell(args, value, ["compile=true"])
+    return (toolkit_cell if kind == "toolkit" else plain_cell)(args, value)
+
+
+def print_table(rows: list, memory_key: str, with_compile: bool) -> None:
+    def rate(cell: dict | None) -> str:
+        return f"{cell['images_per_s']:.1f}" if cell else ""
+
+    def versus(cell: dict | None, base: dict | None) -> str:
+        return f"{cell['images_per_s'] / base['images_per_s']:.2f}" if cell and base else ""
+
+    header = ["stage / pipeline", "toolkit img/s", "plain loop img/s", "toolkit / plain"]
+    header += ["toolkit + compile img/s", "compile / toolkit"] if with_compile else []
+    header += ["toolkit peak MB", "plain peak MB"]
+    print("| " + " | ".join(header) + " |")
+    print("| --- |" + " ---: |" * (len(header) - 1))
+    for name, toolkit, plain, compiled in rows:
+        cols = [name, rate(toolkit), rate(plain), versus(toolkit, plain)]
+        cols += [rate(compiled), versus(compiled, toolkit)] if with_compile else []
+        cols += [f"{toolkit[memory_key]:.0f}", f"{plain[memory_key]:.0f}" if plain else ""]
+        print("| " + " | ".join(cols) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tf_efficientnet_lite0")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--unfreeze", type=int, default=3, help="blocks unfrozen in the partial stage")
+    parser.add_argument("--steps", type=int, default=8, help="timed batches per cell")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: the data config's)")
+    parser.add_argument("--compile", action="store_true", help="add a column: the toolkit with compile=true")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(in_child(args)))
+        return
+
+    import os
+
+    from omegaconf import OmegaConf
+
+    workers = args.workers if args.workers is not None else OmegaConf.load(ROOT / "conf/data/elpv.yaml").num_workers
+    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.steps} timed batches per cell "
+          f"after {args.warmup} warm-up, trainer={args.trainer}, {os.cpu_count()} CPUs, "
+          f"{workers} DataLoader worker(s){', torch.compile' if args.compile else ''}\n", flush=True)
+    rows: list[tuple[str, dict, dict | None, dict | None]] = []  # name, toolkit, plain, compiled
+    for name, cell_workers in ((f"data pipeline, {workers} worker(s)", workers), ("data pipeline, main process", 0)):
+        rows.append((name, run_cell(args, ["data", cell_workers]), None, None))
+    stage_speed = {}
+    for name, unfreeze in STAGES:
+        unfreeze = args.unfreeze if unfreeze is None else unfreeze
+        toolkit, plain = run_cell(args, ["toolkit", unfreeze]), run_cell(args, ["plain", unfreeze])
+        compiled = run_cell(args, ["toolkit-compiled", unfreeze]) if args.compile else None
+        stage_speed[name] = toolkit["images_per_s"]
+        rows.append((f"{name} (unfreeze {unfreeze})", toolkit, plain, compiled))
+    uncached = run_cell(args, ["toolkit-noaug", 0])
+    cached = run_cell(args, ["cached", 0])
+    rows.append(("head only, augment=none", uncached, None, None))
+    rows.append((f"head only, augment=none, feature cache (one-off extraction {cached['extraction_s']:.0f}s)",
+                 cached, None, None))
+    print_table(rows, "peak_cuda_mb" if args.trainer == "gpu" else "peak_rss_mb", args.compile)
+    print()
+    print(f"head only / full (toolkit): {stage_speed['head only'] / stage_speed['full']:.2f}x")
+    print(f"feature cache / no cache (head only, augment=none): "
+          f"{cached['images_per_s'] / uncached['images_per_s']:.1f}x")
+    fastest = max(stage_speed.values())
+    print(f"data pipeline ({workers} worker(s)) / fastest stage's consumption: "
+          f"{rows[0][1]['images_per_s'] / fastest:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
