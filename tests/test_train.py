@@ -131,3 +131,17 @@ def test_resume_after_the_unfreeze_restores_the_stage_and_ends_identical(image_f
         torch.testing.assert_close(resumed_ckpt["state_dict"][key], value, rtol=1e-6, atol=1e-7, msg=key)
     # the best checkpoint of stage 1 (before the crash) still competes for the final test
     assert [b["stage"] for b in resumed_ckpt["transfer"]["stage_bests"]] == ["head"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_same_seed_gives_the_same_run_despite_random_augmentation(image_folder: Path, tmp_path: Path,
+                                                                  workers: int) -> None:
+    def final_weights(name: str, seed: int) -> dict[str, torch.Tensor]:
+        cfg = compose_config([*HEAD_ONLY, "data=folder", f"data.root={image_folder}", "augment=heavy",
+                              f"data.num_workers={workers}", f"seed={seed}"], output_dir=tmp_path / name)
+        train(cfg)
+        return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    first, again, other_seed = final_weights("a", 1), final_weights("b", 1), final_weights("c", 2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other_seed[k]) for k in first)

@@ -34,12 +34,14 @@ class ClassifierModule(L.LightningModule):
     """Holds the model and the schedule; `set_stage` decides what trains before each fit.
 
     The checkpoint records the stage it was written in (``checkpoint["transfer"]``) together with
-    the class names, backbone name and input config, so it can be resumed or used on its own.
+    the class names, backbone name and arguments, and input config, so it can be resumed or used
+    on its own (`transfer.inference.load_classifier`).
     """
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], stages: Sequence[Stage],
                  optimizer: Callable[..., torch.optim.Optimizer], backbone_name: str,
-                 input_config: dict[str, Any], label_smoothing: float = 0.0,
+                 input_config: dict[str, Any], model_kwargs: dict[str, Any] | None = None,
+                 label_smoothing: float = 0.0,
                  channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "stages"])
@@ -147,6 +149,7 @@ class ClassifierModule(L.LightningModule):
             "current_best": self._current_best(),
             "class_names": self.class_names,
             "backbone": self.hparams.backbone_name,
+            "model_kwargs": dict(self.hparams.model_kwargs or {}),  # timm.create_model arguments
             "input_config": self.hparams.input_config,
         }
 

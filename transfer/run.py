@@ -50,7 +50,7 @@ def resume_point(ckpt_path: str | None) -> tuple[int, dict[str, Any]]:
     if not path.is_file():
         raise TransferError(f"Checkpoint '{path}' does not exist; pass ckpt_path=PATH to a .ckpt "
                             "file from a run's checkpoints/ folder (last.ckpt resumes where it stopped).")
-    state = torch.load(path, map_location="cpu", weights_only=False).get("transfer")
+    state = torch.load(path, map_location="cpu", weights_only=True).get("transfer")
     if state is None:
         raise TransferError(f"'{path}' was not written by transfer (no schedule state in it).")
     return int(state["stage_index"]), state
@@ -100,9 +100,12 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
     user = OmegaConf.to_container(cfg.get("input") or OmegaConf.create({}))
     hints = {**dataset_hints, **{k: v for k, v in user.items() if v is not None}}
     input_config = resolve_input(model, hints)
+    # What timm.create_model needs besides name and classes, recorded so a checkpoint rebuilds alone.
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+                    if k not in ("_target_", "name", "pretrained", "weights")}
     module = ClassifierModule(
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
-        backbone_name=cfg.backbone.name, input_config=input_config,
+        backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs,
         label_smoothing=cfg.get("label_smoothing", 0.0), channels_last=cfg.get("channels_last", False),
         coarse_blocks=cfg.get("coarse_blocks", True), compile_model=cfg.get("compile", False))
     return module, input_config

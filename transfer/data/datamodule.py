@@ -31,6 +31,28 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], int(self.labels[index])
 
 
+def seed_transform(dataset: Dataset, seed: int) -> None:
+    """Seed an albumentations pipeline's own generator.
+
+    albumentations keeps a random state of its own that global seeds never reach, and without a
+    seed draws it from the OS: the same config and seed would train on different augmentations
+    in every run.
+    """
+    transform = getattr(dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed % 2**32)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Lightning's per-worker seeding (process rank, worker id and
+    the loader's base seed), then the augmentation pipeline from the resulting torch seed, so
+    workers draw different augmentations and every run draws the same ones."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)
+    seed_transform(torch.utils.data.get_worker_info().dataset, torch.initial_seed())
+
+
 class EvenlySplit(Sampler[int]):
     """Evaluation indices ``rank, rank + N, ...``: every image exactly once across N processes.
 
@@ -113,6 +135,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
+        seed_transform(dataset, self.seed + 7919 * _processes(self.trainer)[1])  # used with num_workers=0
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
@@ -121,6 +144,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
+            worker_init_fn=seed_worker,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,86 @@
+"""``explain.py``: saliency overlays (gradient, Grad-CAM) for image files, one panel per image."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from transfer.cli import pick_device
+from transfer.data.files import find_images
+from transfer.data.images import load_rgb
+from transfer.errors import ImageReadError, TransferError
+from transfer.inference import Classifier, load_classifier
+from transfer.saliency import explain, overlay
+
+log = logging.getLogger("transfer")
+
+
+def model_view(image: torch.Tensor, input_config: dict[str, Any]) -> np.ndarray:
+    """The preprocessed image as the model sees it (resized, cropped), back in 8-bit RGB."""
+    mean = torch.tensor(input_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(input_config["std"]).view(3, 1, 1)
+    return ((image.cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_panel(path: Path, view: np.ndarray, maps: dict[str, np.ndarray], title: str) -> None:
+    from transfer.reports import plt
+
+    figure, axes = plt.subplots(1, 1 + len(maps), figsize=(3.2 * (1 + len(maps)), 3.6), squeeze=False)
+    panels = [("input", view / 255.0)] + [(name, overlay(view, saliency)) for name, saliency in maps.items()]
+    for axis, (name, picture) in zip(axes[0], panels):
+        axis.imshow(picture)
+        axis.set_title(name, fontsize=9)
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def target_index(classifier: Classifier, target: str | None) -> int | None:
+    if target is None:
+        return None
+    if target not in classifier.class_names:
+        raise TransferError(f"target={target} is not one of the model's classes {classifier.class_names}.")
+    return classifier.class_names.index(target)
+
+
+def explain_files(cfg: DictConfig) -> dict[str, Any]:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classifier = load_classifier(cfg.ckpt, pick_device(cfg.device))
+    methods = list(cfg.methods)
+    target = target_index(classifier, cfg.get("target"))
+    transform = classifier.transform()
+    rows, unreadable = [], []
+    for index, path in enumerate(find_images(str(cfg.inputs))[: cfg.max_images]):
+        try:
+            image = transform(image=load_rgb(path))["image"].to(classifier.device)
+        except ImageReadError as error:
+            unreadable.append((str(path), str(error)))
+            continue
+        probs = classifier.probabilities(image.unsqueeze(0))[0]
+        maps, explained = {}, None
+        for method in methods:
+            maps[method], explained = explain(classifier.model, image, method, target)
+        name = classifier.class_names[explained]
+        panel = out_dir / f"{index:04d}_{path.stem}.png"
+        predicted = int(probs.argmax())
+        save_panel(panel, model_view(image, classifier.input_config), maps,
+                   f"{path.name}: predicted {classifier.class_names[predicted]} ({probs[predicted]:.2f}); "
+                   f"maps for '{name}'")
+        rows.append([str(path), panel.name, classifier.class_names[predicted], f"{probs[predicted]:.6f}", name])
+    with open(out_dir / "explanations.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "panel", "predicted", "confidence", "explained_class"])
+        writer.writerows(rows)
+    for path, error in unreadable:
+        log.warning("Skipped unreadable %s: %s", path, error)
+    log.info("%d panel(s) (%s) in %s", len(rows), ", ".join(methods), out_dir)
+    return {"panels": len(rows), "unreadable": len(unreadable), "out_dir": str(out_dir)}

@@ -1,0 +1,119 @@
+"""``export.py``: ONNX and TorchScript files that predict correctly outside the toolkit.
+
+Each export is checked on real images: ONNX Runtime and the TorchScript module must give the
+same logits as the PyTorch model (max abs difference under ``tolerance``), and
+``preprocessing.json`` records the exact preprocessing, so code that has never seen this
+toolkit can feed the model what it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from transfer.data.files import find_images
+from transfer.data.images import load_rgb
+from transfer.errors import TransferError
+from transfer.inference import Classifier, load_classifier
+
+log = logging.getLogger("transfer")
+FORMATS = ("onnx", "torchscript")
+
+
+def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
+    """What `transfer.data.transforms.eval_transform` does, in words any runtime can follow."""
+    config = classifier.input_config
+    height, width = config["size"]
+    return {
+        "decode": "apply the EXIF orientation, convert to 8-bit RGB (alpha over white)",
+        "resize_shorter_side_to": int(math.floor(min(height, width) / config["crop_pct"])),
+        "resize": "cv2.resize to (round(w * s), round(h * s)), s = resize_shorter_side_to / min(h, w); "
+                  "PIL's resize anti-aliases and gives slightly different pixels",
+        "interpolation": config["interpolation"],
+        "center_crop": [height, width],
+        "crop_offsets": "top (h - crop_h) // 2, left (w - crop_w) // 2",
+        "scale": "divide by 255",
+        "mean": config["mean"],
+        "std": config["std"],
+        "layout": "NCHW float32, batch dimension dynamic",
+        "input_name": "image",
+        "output": "logits (softmax over the last axis gives class probabilities)",
+        "class_names": classifier.class_names,
+        "backbone": classifier.backbone,
+        "checkpoint": classifier.checkpoint,
+    }
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime
+
+    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"image": images})[0]
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    with warnings.catch_warnings():  # deprecated in favour of torch.export, still what LibTorch loads
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(model, example).save(str(path))
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
+
+
+EXPORTERS = {"onnx": (export_onnx, "model.onnx"), "torchscript": (export_torchscript, "model.torchscript.pt")}
+
+
+def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor, list[str]]:
+    """Real images for the parity check: ``inputs``, or else the training run's test split."""
+    if cfg.get("inputs"):
+        paths = [str(p) for p in find_images(str(cfg.inputs))]
+    else:
+        from transfer.evaluate import evaluation_images
+
+        with open_dict(cfg):
+            cfg.split = "test"
+        table, indices, _ = evaluation_images(cfg)
+        paths = [table.paths[i] for i in indices]
+    paths = paths[: cfg.parity_images]
+    transform = classifier.transform()
+    return torch.stack([transform(image=load_rgb(p))["image"] for p in paths]), paths
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(cfg.formats) - set(FORMATS))
+    if unknown:
+        raise TransferError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}.")
+    classifier = load_classifier(cfg.ckpt, "cpu")
+    model = classifier.model.float().eval()
+    images, paths = parity_images(cfg, classifier)
+    with torch.inference_mode():
+        expected = model(images).numpy()
+    report: dict[str, Any] = {"checkpoint": str(cfg.ckpt), "parity_images": paths, "tolerance": cfg.tolerance,
+                              "formats": {}}
+    (out_dir / "preprocessing.json").write_text(json.dumps(preprocessing_spec(classifier), indent=2))
+    for name in cfg.formats:
+        exporter, filename = EXPORTERS[name]
+        runner = exporter(model, images[:2], out_dir / filename)
+        difference = float(np.abs(runner(images.numpy()) - expected).max())
+        report["formats"][name] = {"file": filename, "max_abs_diff": difference,
+                                   "passed": difference <= cfg.tolerance}
+        log.info("%s: %s, max |logit difference| on %d real images = %.2e (tolerance %.0e)", name,
+                 out_dir / filename, len(paths), difference, cfg.tolerance)
+    (out_dir / "parity.json").write_text(json.dumps(report, indent=2))
+    failed = [name for name, result in report["formats"].items() if not result["passed"]]
+    if failed:
+        raise TransferError(f"The {failed} export(s) differ from the PyTorch model by more than "
+                            f"{cfg.tolerance:g} on real images (see {out_dir / 'parity.json'}); do not ship them.")
+    log.info("Exported to %s (preprocessing.json describes the input)", out_dir)
+    return report

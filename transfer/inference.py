@@ -1,0 +1,97 @@
+"""A trained classifier rebuilt from its checkpoint alone: model, class names, preprocessing.
+
+A checkpoint written by `train.py` carries, in ``checkpoint["transfer"]``, the timm model name
+and the arguments it was built with, the class names and the resolved input config (size,
+mean/std, crop fraction, interpolation), so evaluation, prediction, saliency and export need
+nothing else: no training config, no dataset, no network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+
+from transfer.backbone import check_model_name
+from transfer.data.transforms import eval_transform
+from transfer.errors import TransferError
+
+# Test-time augmentation: the views whose softmax outputs are averaged.
+TTA_VIEWS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
+    "none": (lambda x: x,),
+    "hflip": (lambda x: x, lambda x: x.flip(-1)),
+    "flips": (lambda x: x, lambda x: x.flip(-1), lambda x: x.flip(-2), lambda x: x.flip(-1).flip(-2)),
+}
+
+
+@dataclass
+class Classifier:
+    model: nn.Module            # in eval mode
+    class_names: list[str]
+    input_config: dict[str, Any]
+    backbone: str
+    checkpoint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def transform(self) -> Callable:
+        """The evaluation preprocessing the model was validated with (albumentations, HWC uint8 in)."""
+        return eval_transform(self.input_config)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """Softmax over classes for a preprocessed NCHW batch, averaged over the TTA views."""
+        if tta not in TTA_VIEWS:
+            raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of {sorted(TTA_VIEWS)}.")
+        images = images.to(self.device)
+        views = [self.model(view(images)).float().softmax(dim=-1) for view in TTA_VIEWS[tta]]
+        return torch.stack(views).mean(dim=0)
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        return self.transform()(image=rgb)["image"]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents (tensors and plain values only: nothing in it is executed)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TransferError(f"Checkpoint '{path}' does not exist; pass ckpt=PATH to a .ckpt file from a "
+                            "run's checkpoints/ folder (results.json names the best one).")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "transfer" not in checkpoint or "state_dict" not in checkpoint:
+        raise TransferError(f"'{path}' was not written by transfer's train.py (no class names or "
+                            "backbone recorded in it).")
+    return checkpoint
+
+
+def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The timm model's own state dict (the LightningModule stores it under ``model.``)."""
+    return {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
+            if key.startswith("model.")}
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    checkpoint = read_checkpoint(path)
+    state = checkpoint["transfer"]
+    check_model_name(state["backbone"])
+    model = timm.create_model(state["backbone"], pretrained=False, num_classes=len(state["class_names"]),
+                              **state.get("model_kwargs", {}))
+    model.load_state_dict(model_state(checkpoint))
+    model.eval().to(device)
+    return Classifier(model, list(state["class_names"]), dict(state["input_config"]), state["backbone"], str(path))
+
+
+def label_indices(class_names: Sequence[str], model_classes: Sequence[str]) -> np.ndarray:
+    """Map a dataset's label indices to the model's, by class name; refuse classes it never learnt."""
+    unknown = sorted(set(class_names) - set(model_classes))
+    if unknown:
+        raise TransferError(f"The data has classes {unknown} that the model was not trained on; it knows "
+                            f"{list(model_classes)}. Evaluate on data with the model's classes.")
+    return np.array([list(model_classes).index(name) for name in class_names], dtype=np.int64)
