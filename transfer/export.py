@@ -53,10 +53,17 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime
-
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as error:
+        raise TransferError(f"ONNX export needs the 'export' extra ({error.name} is missing): "
+                            "pip install -e '.[export]', or export formats=[torchscript] only.") from error
+    for name in ("onnxscript", "onnx_ir"):  # their graph-optimisation chatter is not the user's business
+        logging.getLogger(name).setLevel(logging.WARNING)
     torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False)
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
+                      verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {"image": images})[0]
 

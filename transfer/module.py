@@ -41,7 +41,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, model: nn.Module, class_names: Sequence[str], stages: Sequence[Stage],
                  optimizer: Callable[..., torch.optim.Optimizer], backbone_name: str,
                  input_config: dict[str, Any], model_kwargs: dict[str, Any] | None = None,
-                 label_smoothing: float = 0.0,
+                 label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
                  channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "stages"])
@@ -61,6 +61,8 @@ class ClassifierModule(L.LightningModule):
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile_model:
@@ -107,7 +109,8 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights,
+                               label_smoothing=self.hparams.label_smoothing)
         return loss, logits.softmax(dim=-1), labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -19,7 +19,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer.callbacks import EpochSummary, ReplicaCheck
+from transfer.checkpoint_io import AtomicCheckpointIO
+from transfer.data.balance import check_split_classes, class_weights_for
 from transfer.data.datamodule import ImageDataModule
+from transfer.data.scan import check_images
 from transfer.data.sources import ImageTable, subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
 from transfer.errors import TransferError
@@ -176,6 +179,7 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     replicas = ReplicaCheck()
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[best, latest, EpochSummary(stage.name), replicas, *instantiate_callbacks(cfg)])
     started = time.perf_counter()
     try:
@@ -229,12 +233,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stages = parse_stages(cfg.schedule.stages)
     check_feature_cache(cfg, stages)
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
+    skipped: list = []
+    if cfg.get("image_check", True):
+        table, skipped = check_images(table, cfg.get("bad_images", "error"), run_dir / "bad_images.csv")
     module, input_config = build_module(cfg, table.num_classes, table.class_names, stages)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
     write_config(run_dir / "config.yaml", cfg)
     datamodule = build_datamodule(cfg, table, input_config)
     log_setup(cfg, datamodule, module)
+    check_split_classes(datamodule.split_counts())
+    weights = class_weights_for(datamodule.split_counts()["train"], cfg.get("class_weights"))
+    if weights is not None:
+        module.class_weights = torch.tensor(weights, dtype=torch.float32)
 
     start, resumed = resume_point(cfg.get("ckpt_path"))
     if cfg.get("ckpt_path"):
@@ -252,6 +263,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "dataset": table.name,
         "class_names": table.class_names,
         "split_counts": datamodule.split_counts(),
+        "skipped_images": [path for path, _ in skipped],
+        "class_weights": weights,
         "input": input_config,
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "stages": stage_reports,

@@ -1,0 +1,53 @@
+"""Class coverage of the splits and class imbalance: warn, or weight the loss, before training."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from transfer.errors import DataError
+
+log = logging.getLogger("transfer")
+IMBALANCE_WARNING_RATIO = 3.0
+
+
+def check_split_classes(counts: Mapping[str, Mapping[str, int]]) -> None:
+    """Training must see every class; evaluation splits without one get a warning."""
+    missing = [name for name, n in counts["train"].items() if n == 0]
+    if missing:
+        raise DataError(f"The training split has no images of class(es) {missing}: the model cannot learn "
+                        "them. Add images of those classes, or remove their folders/rows.")
+    for split in ("val", "test"):
+        absent = [name for name, n in counts.get(split, {}).items() if n == 0]
+        if absent and sum(counts.get(split, {}).values()):
+            log.warning("The %s split has no images of %s: their per-class metrics are undefined and "
+                        "macro averages skip them. More data or a larger data.%s_fraction helps.",
+                        split, absent, split)
+
+
+def imbalance_ratio(train_counts: Mapping[str, int]) -> float:
+    sizes = [n for n in train_counts.values() if n > 0]
+    return max(sizes) / min(sizes)
+
+
+def balanced_class_weights(train_counts: Mapping[str, int]) -> list[float]:
+    """``N / (K * n_k)`` (scikit-learn's 'balanced'): every class weighs the same in the loss."""
+    total, classes = sum(train_counts.values()), len(train_counts)
+    return [total / (classes * n) for n in train_counts.values()]
+
+
+def class_weights_for(train_counts: Mapping[str, int], setting: str | None) -> list[float] | None:
+    """The loss weights for ``class_weights=null|balanced``, warning about imbalance left untreated."""
+    ratio = imbalance_ratio(train_counts)
+    if setting is None:
+        if ratio >= IMBALANCE_WARNING_RATIO:
+            log.warning("Classes are imbalanced %.1f:1 in the training split (%s); accuracy will favour the "
+                        "large classes. class_weights=balanced weights the loss by inverse class frequency.",
+                        ratio, dict(train_counts))
+        return None
+    if setting != "balanced":
+        raise DataError(f"class_weights={setting} is not supported; use null or balanced.")
+    weights = balanced_class_weights(train_counts)
+    log.info("Class weights in the loss (balanced): %s",
+             ", ".join(f"{name} {w:.3f}" for name, w in zip(train_counts, weights)))
+    return weights

@@ -1,0 +1,72 @@
+"""Find unreadable images before training, not as a worker crash in the middle of an epoch.
+
+Every file is fully decoded once (in threads: Pillow releases the GIL while decoding), so
+truncated files, empty files, non-images with image extensions and decompression bombs are
+all found, each with its reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from transfer.data.images import load_rgb
+from transfer.data.sources import ImageTable
+from transfer.errors import DataError, ImageReadError
+
+log = logging.getLogger("transfer")
+ACTIONS = ("error", "skip")
+
+
+def _problem(path: str) -> str | None:
+    try:
+        load_rgb(path)
+    except ImageReadError as error:
+        cause = error.__cause__ or error
+        return f"{type(cause).__name__}: {cause}"
+    return None
+
+
+def find_bad_images(paths: list[str], threads: int | None = None) -> list[tuple[str, str]]:
+    """[(path, reason)] for every file that cannot be decoded, in table order."""
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(_problem, paths, chunksize=16))
+    return [(path, reason) for path, reason in zip(paths, problems) if reason is not None]
+
+
+def write_report(path: Path, bad: list[tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "reason"])
+        writer.writerows(bad)
+
+
+def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTable, list[tuple[str, str]]]:
+    """Scan ``table``; with ``action='error'`` stop on bad files, with ``'skip'`` drop them.
+
+    Either way the bad files are written to ``report`` (CSV: path, reason).
+    """
+    if action not in ACTIONS:
+        raise DataError(f"bad_images={action} is not one of {list(ACTIONS)}.")
+    bad = find_bad_images(table.paths)
+    if not bad:
+        return table, bad
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_report(report, bad)
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    if action == "error":
+        raise DataError(f"{len(bad)} of {len(table.paths)} images in '{table.name}' cannot be read "
+                        f"(all listed in {report}):\n{listing}{more}\nRemove or re-encode them, or "
+                        "train without them with bad_images=skip.")
+    log.warning("Skipping %d unreadable image(s) of %d (listed in %s):\n%s%s", len(bad), len(table.paths),
+                report, listing, more)
+    bad_paths = {path for path, _ in bad}
+    keep = np.array([i for i, p in enumerate(table.paths) if p not in bad_paths], dtype=np.int64)
+    return ImageTable([table.paths[i] for i in keep], table.labels[keep], table.class_names,
+                      None if table.splits is None else table.splits[keep], table.name, table.extra), bad
