@@ -230,3 +230,25 @@ def test_class_weights_weight_the_training_loss() -> None:
     expected = torch.nn.functional.cross_entropy(logits, labels, weight=torch.tensor([0.6, 3.0]))
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(loss, torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_empty_class_folder_single_class_and_missing_csv_files_are_named(tmp_path: Path) -> None:
+    from transfer.data.sources import csv_manifest, image_folder
+
+    folder = write_image_folder(tmp_path / "images", per_class=2)
+    (folder / "bird").mkdir()
+    with pytest.raises(DataError, match="bird"):
+        image_folder(folder)
+    single = write_image_folder(tmp_path / "single", per_class=2, classes=("cat",))
+    with pytest.raises(DataError, match="at least two"):
+        image_folder(single)
+    (tmp_path / "labels.csv").write_text("path,label\nimages/cat/cat_000.png,cat\nimages/dog/gone.png,dog\n")
+    with pytest.raises(DataError, match="gone.png"):
+        csv_manifest(tmp_path / "labels.csv")
+
+
+def test_unknown_config_key_is_one_paragraph_naming_it(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "learning_rate=0.1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "learning_rate" in output and "Traceback" not in output
