@@ -3,8 +3,6 @@
 import hydra
 from omegaconf import DictConfig
 
-import transfer  # noqa: F401
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:

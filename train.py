@@ -6,8 +6,6 @@ This file only composes the Hydra config and hands it to `transfer.run.train`.
 import hydra
 from omegaconf import DictConfig
 
-import transfer  # noqa: F401
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -23,7 +23,7 @@ from transfer.checkpoint_io import atomic_torch_save
 from transfer.data.datamodule import ImageDataset
 from transfer.data.scan import find_bad_images
 from transfer.data.transforms import eval_transform
-from transfer.errors import DataError, ImageReadError, TransferError
+from transfer.errors import DataError, ImageReadError
 from transfer.run import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,10 +39,10 @@ def training_config(ckpt: str) -> DictConfig | None:
     return OmegaConf.load(path) if path.is_file() else None
 
 
-def evaluation_images(cfg: DictConfig) -> tuple[ImageTable, np.ndarray, str]:
-    """The table, the indices of the requested split and where the data config came from."""
-    if cfg.split not in SPLITS:
-        raise TransferError(f"split={cfg.split} is not one of {list(SPLITS)}.")
+def evaluation_images(cfg: DictConfig, split: str) -> tuple[ImageTable, np.ndarray, str]:
+    """The table, the indices of ``split`` and where the data config came from."""
+    if split not in SPLITS:
+        raise TransferError(f"split={split} is not one of {list(SPLITS)}.")
     run_cfg = training_config(cfg.ckpt)
     if cfg.get("data") is not None:
         data, origin = cfg.data, "the data= given"
@@ -53,12 +53,12 @@ def evaluation_images(cfg: DictConfig) -> tuple[ImageTable, np.ndarray, str]:
                             "(e.g. data=folder data.root=PATH split=all).")
     seed = cfg.seed if cfg.get("seed") is not None else (run_cfg.seed if run_cfg is not None else 42)
     table = subsample(instantiate(data.source), data.get("max_images"), seed)
-    if cfg.split == "all":
+    if split == "all":
         return table, np.arange(len(table.paths)), origin
     splits = split_indices(table.labels, data.test_fraction, data.val_fraction, seed, table.splits)
-    if len(splits[cfg.split]) == 0:
-        raise TransferError(f"The {cfg.split} split of '{table.name}' is empty; use split=all.")
-    return table, splits[cfg.split], origin
+    if len(splits[split]) == 0:
+        raise TransferError(f"The {split} split of '{table.name}' is empty; use split=all.")
+    return table, splits[split], origin
 
 
 @torch.inference_mode()
@@ -90,14 +90,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(cfg.ckpt, pick_device(cfg.device))
-    table, indices, origin = evaluation_images(cfg)
+    table, indices, origin = evaluation_images(cfg, cfg.split)
     names = classifier.class_names
     to_model = label_indices(table.class_names, names)
     paths = [table.paths[i] for i in indices]
     labels = torch.as_tensor(to_model[table.labels[indices]])
     log.info("Evaluating %s on %d images (%s split of '%s', from %s), tta=%s", Path(cfg.ckpt).name, len(paths),
              cfg.split, table.name, origin, cfg.tta)
-    dataset = ImageDataset(paths, labels.numpy(), classifier.transform())
+    dataset = ImageDataset(paths, labels.numpy(), classifier.transform)
     probs = probabilities_for(classifier, dataset, cfg.batch_size, cfg.num_workers, cfg.tta)
 
     metrics = {k: round(float(v), 6) for k, v in classification_metrics(len(names), "")(probs, labels).items()}

@@ -57,11 +57,10 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
     classifier = load_classifier(cfg.ckpt, pick_device(cfg.device))
     methods = list(cfg.methods)
     target = target_index(classifier, cfg.get("target"))
-    transform = classifier.transform()
     rows, unreadable = [], []
     for index, path in enumerate(find_images(str(cfg.inputs))[: cfg.max_images]):
         try:
-            image = transform(image=load_rgb(path))["image"].to(classifier.device)
+            image = classifier.preprocess(load_rgb(path)).to(classifier.device)
         except ImageReadError as error:
             unreadable.append((str(path), str(error)))
             continue

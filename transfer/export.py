@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from transfer.data.files import find_images
 from transfer.data.images import load_rgb
+from transfer.data.transforms import resize_target
 from transfer.errors import TransferError
 from transfer.inference import Classifier, load_classifier
 
@@ -34,7 +34,7 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
     height, width = config["size"]
     return {
         "decode": "apply the EXIF orientation, convert to 8-bit RGB (alpha over white)",
-        "resize_shorter_side_to": int(math.floor(min(height, width) / config["crop_pct"])),
+        "resize_shorter_side_to": resize_target(config),
         "resize": "cv2.resize to (round(w * s), round(h * s)), s = resize_shorter_side_to / min(h, w); "
                   "PIL's resize anti-aliases and gives slightly different pixels",
         "interpolation": config["interpolation"],
@@ -86,13 +86,10 @@ def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor
     else:
         from transfer.evaluate import evaluation_images
 
-        with open_dict(cfg):
-            cfg.split = "test"
-        table, indices, _ = evaluation_images(cfg)
+        table, indices, _ = evaluation_images(cfg, "test")
         paths = [table.paths[i] for i in indices]
     paths = paths[: cfg.parity_images]
-    transform = classifier.transform()
-    return torch.stack([transform(image=load_rgb(p))["image"] for p in paths]), paths
+    return torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]), paths
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:

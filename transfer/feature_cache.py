@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from transfer.data.datamodule import ImageDataModule, eval_sampler, train_sampler
+from transfer.data.datamodule import ImageDataModule
 from transfer.errors import TransferError
 
 log = logging.getLogger("transfer")
@@ -104,11 +104,4 @@ class FeatureDataModule(L.LightningDataModule):
         return self._loader("val")
 
     def _loader(self, split: str) -> DataLoader:
-        dataset = self.cached[split]
-        train = split == "train"
-        return DataLoader(
-            dataset,
-            batch_size=self.images.batch_size if train else self.images.eval_batch_size,
-            sampler=(train_sampler(dataset, self.trainer, self.images.seed) if train
-                     else eval_sampler(dataset, self.trainer)),
-            drop_last=train and len(dataset) > self.images.batch_size)
+        return self.images.loader(self.cached[split], split == "train", self.trainer, num_workers=0)

@@ -9,6 +9,7 @@ nothing else: no training config, no dataset, no network.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,7 @@ class Classifier:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @cached_property
     def transform(self) -> Callable:
         """The evaluation preprocessing the model was validated with (albumentations, HWC uint8 in)."""
         return eval_transform(self.input_config)
@@ -55,7 +57,7 @@ class Classifier:
         return torch.stack(views).mean(dim=0)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        return self.transform()(image=rgb)["image"]
+        return self.transform(image=rgb)["image"]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

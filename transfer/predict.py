@@ -23,7 +23,7 @@ log = logging.getLogger("transfer")
 def predict_files(classifier: Classifier, paths: list[Path], tta: str = "none", batch_size: int = 32,
                   num_workers: int = 0) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """(probabilities of the readable files, their indices into ``paths``, [(index, error)])."""
-    dataset = FileDataset(paths, classifier.transform(), tuple(classifier.input_config["size"]))
+    dataset = FileDataset(paths, classifier.transform, tuple(classifier.input_config["size"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probabilities, indices, unreadable = [], [], []
     for images, batch_indices, errors in loader:

@@ -242,8 +242,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_config(run_dir / "config.yaml", cfg)
     datamodule = build_datamodule(cfg, table, input_config)
     log_setup(cfg, datamodule, module)
-    check_split_classes(datamodule.split_counts())
-    weights = class_weights_for(datamodule.split_counts()["train"], cfg.get("class_weights"))
+    split_counts = datamodule.split_counts()
+    check_split_classes(split_counts)
+    weights = class_weights_for(split_counts["train"], cfg.get("class_weights"))
     if weights is not None:
         module.class_weights = torch.tensor(weights, dtype=torch.float32)
 
@@ -262,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "backbone": cfg.backbone.name,
         "dataset": table.name,
         "class_names": table.class_names,
-        "split_counts": datamodule.split_counts(),
+        "split_counts": split_counts,
         "skipped_images": [path for path, _ in skipped],
         "class_weights": weights,
         "input": input_config,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -133,19 +133,25 @@ class ImageDataModule(L.LightningDataModule):
                     f"expects {self.input_size}. End the augmentation list with a crop or resize to "
                     "${input.size} (see conf/augment/standard.yaml).")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.dataset(split)
-        seed_transform(dataset, self.seed + 7919 * _processes(self.trainer)[1])  # used with num_workers=0
+    def loader(self, dataset: Dataset, train: bool, trainer: "L.Trainer | None",
+               num_workers: int | None = None) -> DataLoader:
+        """A loader with this datamodule's batch sizes and process-aware samplers, for one of its
+        splits as images or in another form (`transfer.feature_cache` passes cached features)."""
+        workers = self.num_workers if num_workers is None else num_workers
+        seed_transform(dataset, self.seed + 7919 * _processes(trainer)[1])  # used with num_workers=0
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=train_sampler(dataset, self.trainer, self.seed) if shuffle else eval_sampler(dataset, self.trainer),
-            drop_last=shuffle and len(self.splits[split]) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=train_sampler(dataset, trainer, self.seed) if train else eval_sampler(dataset, trainer),
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             worker_init_fn=seed_worker,
         )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return self.loader(self.dataset(split), shuffle, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

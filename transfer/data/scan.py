@@ -67,6 +67,4 @@ def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTab
     log.warning("Skipping %d unreadable image(s) of %d (listed in %s):\n%s%s", len(bad), len(table.paths),
                 report, listing, more)
     bad_paths = {path for path, _ in bad}
-    keep = np.array([i for i, p in enumerate(table.paths) if p not in bad_paths], dtype=np.int64)
-    return ImageTable([table.paths[i] for i in keep], table.labels[keep], table.class_names,
-                      None if table.splits is None else table.splits[keep], table.name, table.extra), bad
+    return table.take(np.array([i for i, p in enumerate(table.paths) if p not in bad_paths], dtype=np.int64)), bad

@@ -53,6 +53,11 @@ class ImageTable:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def take(self, rows: np.ndarray) -> "ImageTable":
+        """The same dataset restricted to ``rows`` (indices, in the order given)."""
+        return ImageTable([self.paths[i] for i in rows], self.labels[rows], self.class_names,
+                          None if self.splits is None else self.splits[rows], self.name, self.extra)
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=self.num_classes)
         return dict(zip(self.class_names, counts.tolist()))
@@ -70,9 +75,7 @@ def subsample(table: ImageTable, max_images: int | None, seed: int) -> ImageTabl
         members = np.flatnonzero(strata == stratum)
         count = max(1, int(round(max_images * len(members) / len(strata))))
         keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
-    rows = np.sort(np.concatenate(keep))
-    return ImageTable([table.paths[i] for i in rows], table.labels[rows], table.class_names,
-                      None if table.splits is None else table.splits[rows], table.name, table.extra)
+    return table.take(np.sort(np.concatenate(keep)))
 
 
 def _folder_samples(root: Path, class_names: Sequence[str], extensions: tuple[str, ...]):

@@ -59,10 +59,15 @@ def finishing(input_config: Mapping[str, Any]) -> list[A.BasicTransform]:
             ToTensorV2()]
 
 
+def resize_target(input_config: Mapping[str, Any]) -> int:
+    """The short side's length before the center crop: size / crop_pct, rounded down."""
+    return int(math.floor(min(input_config["size"]) / input_config["crop_pct"]))
+
+
 def eval_transform(input_config: Mapping[str, Any]) -> A.Compose:
     """Resize the short side to size / crop_pct, then center-crop: timm's evaluation protocol."""
     height, width = input_config["size"]
-    scale = int(math.floor(min(height, width) / input_config["crop_pct"]))
+    scale = resize_target(input_config)
     interpolation = INTERPOLATION[input_config["interpolation"]]
     return A.Compose([
         A.SmallestMaxSize(max_size=scale, interpolation=interpolation),
