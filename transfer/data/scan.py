@@ -1,6 +1,6 @@
 """Find unreadable images before training, not as a worker crash in the middle of an epoch.
 
-Every file is fully decoded once (in threads: Pillow releases the GIL while decoding), so
+Every file is fully decoded once, in the training process before anything else starts, so
 truncated files, empty files, non-images with image extensions and decompression bombs are
 all found, each with its reason.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +30,9 @@ def _problem(path: str) -> str | None:
     return None
 
 
-def find_bad_images(paths: list[str], threads: int | None = None) -> list[tuple[str, str]]:
+def find_bad_images(paths: list[str]) -> list[tuple[str, str]]:
     """[(path, reason)] for every file that cannot be decoded, in table order."""
-    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        problems = list(pool.map(_problem, paths, chunksize=16))
-    return [(path, reason) for path, reason in zip(paths, problems) if reason is not None]
+    return [(path, reason) for path in paths if (reason := _problem(path)) is not None]
 
 
 def write_report(path: Path, bad: list[tuple[str, str]]) -> None:
