@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import FAST, compose_config
 from transfer.errors import TransferError
@@ -145,3 +146,15 @@ def test_same_seed_gives_the_same_run_despite_random_augmentation(image_folder: 
     first, again, other_seed = final_weights("a", 1), final_weights("b", 1), final_weights("c", 2)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other_seed[k]) for k in first)
+
+
+def test_lr_finder_sets_the_first_stages_lr_and_saves_its_plot(image_folder: Path, tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "data=folder", f"data.root={image_folder}", "lr_find.enabled=true",
+                          "lr_find.num_training=24"], output_dir=tmp_path)
+    results = train(cfg)
+    head, finetune = results["stages"]
+    assert head["lr_find"]["replaced_lr"] == cfg.schedule.stages[0].lr
+    assert head["lr"] == head["lr_find"]["suggestion"] != cfg.schedule.stages[0].lr
+    assert finetune["lr"] == cfg.schedule.stages[1].lr and finetune["lr_find"] is None
+    assert Image.open(tmp_path / "lr_find.png").size[0] > 300
+    assert not list(tmp_path.glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone

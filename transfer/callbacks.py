@@ -88,3 +88,21 @@ def _all_gather_object(obj):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class ContinueLogSteps(L.Callback):
+    """Each stage is a new Trainer whose step count starts at 0; this starts its logging step where
+    the previous stage stopped, so TensorBoard and MLflow curves run on instead of overlapping."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        # Lightning logs at _batches_that_stepped (restored from a checkpoint on resume, which
+        # already includes the offset: only a fresh stage is moved).
+        epoch_loop._batches_that_stepped = max(epoch_loop._batches_that_stepped, self.first_step)
+
+
+def logged_steps(trainer: L.Trainer) -> int:
+    return trainer.fit_loop.epoch_loop._batches_that_stepped

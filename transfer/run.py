@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transfer.callbacks import EpochSummary, ReplicaCheck
+from transfer.callbacks import ContinueLogSteps, EpochSummary, ReplicaCheck, logged_steps
 from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.data.balance import check_split_classes, class_weights_for
 from transfer.data.datamodule import ImageDataModule
@@ -28,6 +28,7 @@ from transfer.data.transforms import eval_transform, resolve_input, train_transf
 from transfer.errors import TransferError
 from transfer.feature_cache import FeatureDataModule
 from transfer.freezing import set_trainable
+from transfer.lr_find import find_stage_lr
 from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
 from transfer.schedule import Stage, parse_stages
@@ -119,6 +120,17 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
+def instantiate_loggers(cfg: DictConfig) -> list[Any] | bool:
+    """The ``logger`` node holds name -> ``_target_`` node (``logger=[csv,tensorboard]`` merges two)."""
+    nodes = (cfg.get("logger") or {}).values()
+    return [instantiate(node) for node in nodes if node is not None] or False
+
+
+def is_dry_run(cfg: DictConfig) -> bool:
+    """``trainer.fast_dev_run``: Lightning runs a batch or two and saves no checkpoint."""
+    return bool(cfg.trainer.get("fast_dev_run"))
+
+
 def build_datamodule(cfg: DictConfig, table: ImageTable, input_config: dict[str, Any]) -> ImageDataModule:
     augmentations = instantiate(cfg.augment.train) if cfg.augment.get("train") else None
     datamodule = ImageDataModule(
@@ -158,10 +170,11 @@ def check_feature_cache(cfg: DictConfig, stages: list[Stage]) -> None:
 
 
 def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, index: int,
-              logger: Any, resume: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
+              logger: Any, resume: tuple[str, dict[str, Any]] | None, log_step: int = 0) -> dict[str, Any]:
     """One schedule stage as one ``Trainer.fit``; returns the stage's report for results.json.
 
-    ``resume`` is (checkpoint path, its schedule state) when this stage continues an interrupted run.
+    ``resume`` is (checkpoint path, its schedule state) when this stage continues an interrupted run;
+    ``log_step`` is where the loggers' step axis starts (where the previous stage ended).
     """
     run_dir, stage = Path(cfg.paths.output_dir), module.stages[index]
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
@@ -170,6 +183,10 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     log.info("Stage %d/%d '%s': %s%s", index + 1, len(module.stages), stage.name, trainable.describe(),
              ", on cached backbone features" if cached else "")
     data = FeatureDataModule(datamodule, module.model, module.channels_last) if cached else datamodule
+    lr_search = None
+    if index == 0 and resume is None and cfg.get("lr_find", {}).get("enabled"):
+        lr_search = find_stage_lr(cfg, module, data, index, run_dir)
+        stage = module.stages[index]
     best = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
                            monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
     # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
@@ -180,7 +197,8 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[best, latest, EpochSummary(stage.name), replicas, *instantiate_callbacks(cfg)])
+        callbacks=[best, latest, EpochSummary(stage.name), replicas, ContinueLogSteps(log_step),
+                   *instantiate_callbacks(cfg)])
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
@@ -200,15 +218,23 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     return {**vars(stage), "feature_cache": cached, "trainable": trainable.describe(), "trainable_params": trainable.trainable_params,
             "frozen_params": trainable.frozen_params, "best_checkpoint": record["path"],
             f"best_{monitor}": record["score"], "distributed": replicas.report,
+            "lr_find": lr_search, "logged_steps": logged_steps(trainer),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
 def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule,
               logger: Any) -> tuple[dict[str, Any], dict[str, float], list[list[int]], int]:
-    """Test the best checkpoint over all stages: (best record, metrics, confusion matrix, world size)."""
-    best = best_checkpoint(module.stage_bests, cfg.monitor.mode)
-    log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], cfg.monitor.metric, best["score"],
-             best["stage"])
+    """Test the best checkpoint over all stages: (best record, metrics, confusion matrix, world size).
+
+    A dry run (fast_dev_run) has no checkpoint: it tests the weights in memory on a batch.
+    """
+    if is_dry_run(cfg):
+        best = {"stage": module.stages[-1].name, "path": None, "score": None}
+        log.info("fast_dev_run: no checkpoints; testing the weights in memory on one batch.")
+    else:
+        best = best_checkpoint(module.stage_bests, cfg.monitor.mode)
+        log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], cfg.monitor.metric,
+                 best["score"], best["stage"])
     tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=cfg.paths.output_dir)
     tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
     confusion = module.test_confusion.compute().tolist()
@@ -251,11 +277,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start, resumed = resume_point(cfg.get("ckpt_path"))
     if cfg.get("ckpt_path"):
         log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, module.stages[start].name)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    stage_reports = [
-        fit_stage(cfg, module, datamodule, index, logger,
-                  resume=(cfg.ckpt_path, resumed) if index == start and cfg.get("ckpt_path") else None)
-        for index in range(start, len(module.stages))]
+    logger = instantiate_loggers(cfg)
+    stage_reports: list[dict[str, Any]] = []
+    for index in range(start, len(module.stages)):
+        resume = (cfg.ckpt_path, resumed) if index == start and cfg.get("ckpt_path") else None
+        log_step = stage_reports[-1]["logged_steps"] if stage_reports else 0
+        stage_reports.append(fit_stage(cfg, module, datamodule, index, logger, resume, log_step))
     best, test_metrics, confusion, world_size = evaluate_best(cfg, module, datamodule, logger)
 
     results = {

@@ -1,0 +1,1 @@
+"""The Hydra configs, importable as ``transfer.conf`` once installed (see pyproject.toml)."""

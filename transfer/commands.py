@@ -1,0 +1,44 @@
+"""The command-line entry points: ``transfer-train`` etc. (console scripts) and the repo's ``train.py``.
+
+Each one composes a Hydra config from the packaged ``transfer.conf`` (the repo's ``conf/``; add your own
+config folder with ``--config-dir``) and hands it to its job.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from transfer.cli import run_command
+
+CONFIG_PATH = "pkg://transfer.conf"
+
+
+def job_from(path: str) -> Callable[[DictConfig], Any]:
+    """Imported when the command runs, so ``--help`` and ``--cfg job`` skip importing Lightning and timm."""
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def command(config_name: str, job_path: str, answer: Callable[[Any], Any] = lambda _: None) -> Callable[[], Any]:
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
+    def main(cfg: DictConfig) -> Any:
+        return answer(run_command(job_from(job_path), cfg))
+
+    main.__doc__ = f"Compose conf/{config_name}.yaml with the command line's overrides, run {job_path}."
+    return main
+
+
+def sweep_objective(results: dict[str, Any]) -> float | None:
+    """What Hydra sweepers (Optuna) optimise: the best validation score, never a test metric."""
+    return results["best_checkpoint"]["score"]
+
+
+train = command("train", "transfer.run.train", sweep_objective)
+evaluate = command("evaluate", "transfer.evaluate.evaluate")
+predict = command("predict", "transfer.predict.predict")
+explain = command("explain", "transfer.explain.explain_files")
+export = command("export", "transfer.export.export")
