@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -158,3 +160,46 @@ def test_lr_finder_sets_the_first_stages_lr_and_saves_its_plot(image_folder: Pat
     assert finetune["lr"] == cfg.schedule.stages[1].lr and finetune["lr_find"] is None
     assert Image.open(tmp_path / "lr_find.png").size[0] > 300
     assert not list(tmp_path.glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone
+
+
+class ConstantLoss(L.LightningModule):
+    """A loss of exactly 0.7 whatever the learning rate: an unbiased running average stays 0.7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return self.weight.sum() * 0 + 0.7
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+
+
+def test_lr_finder_curve_is_corrected_for_lightnings_smoothing_bias(tmp_path: Path) -> None:
+    """If Lightning fixes its bias correction, this fails and `unbiased` must go."""
+    from lightning.pytorch.tuner import Tuner
+
+    from transfer.lr_find import unbiased
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    finder = Tuner(trainer).lr_find(ConstantLoss(), num_training=40, update_attr=False)
+    raw = finder.results["loss"]
+    assert raw[0] == pytest.approx(0.7 * 0.02 / (1 - 0.98 ** 2))  # about half the loss: the bias
+    assert unbiased(raw) == pytest.approx([0.7] * len(raw))
+
+
+def test_valley_suggestion_ignores_noise_on_a_flat_start_where_steepest_does_not() -> None:
+    """A finder curve like ELPV's: flat and noisy, a long descent from 1e-3 to 5e-2, then divergence."""
+    from transfer.lr_find import valley
+    lrs = list(np.logspace(-6, 0, 100))
+    rng = np.random.default_rng(0)
+    losses = [0.68 + 0.01 * rng.standard_normal() if lr < 1e-3 else
+              0.68 - 0.12 * np.log10(lr / 1e-3) / np.log10(50) if lr < 5e-2 else
+              0.56 + 2.0 * (lr - 5e-2) for lr in lrs]
+    steepest = int(np.argmin(np.gradient(np.array(losses))))
+    assert lrs[steepest] < 1e-3  # a noise step wins the steepest-gradient rule
+    assert 1e-3 < lrs[valley(lrs, losses)] < 5e-2

@@ -10,17 +10,20 @@ import torch
 from omegaconf import DictConfig
 
 from transfer.errors import user_error_in
+from transfer.runtime import release_process_group
 
 
 def run_command(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
-        return job(cfg)
+        answer = job(cfg)
     except Exception as error:
         user_error = user_error_in(error)
         if user_error is None:
             raise
         logging.getLogger("transfer").error("%s", user_error)
         sys.exit(1)
+    release_process_group()
+    return answer
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -67,3 +67,14 @@ def configure_process(malloc_tuning: bool = True) -> None:
 
     if rank_zero_only.rank != 0:  # other processes report through rank 0; keep their warnings
         logging.getLogger("transfer").setLevel(logging.WARNING)
+
+
+def release_process_group() -> None:
+    """Under torchrun or srun the process group outlives every Trainer; left to interpreter exit,
+    its C++ threads can be torn down while running, and a rank then aborts ("terminate called
+    without an active exception") after a successful run. All ranks finish together, then free it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,75 @@
+"""The README's "add a backbone, a dataset, an augmentation" recipe, run as written: a user's own
+config folder (``--config-dir``) and a dataset function in the user's own module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tests.conftest import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+USER_FILES = {
+    "my_sources.py": '''
+from pathlib import Path
+
+from transfer.data.sources import ImageTable
+
+
+def parts(root: str) -> ImageTable:
+    """One flat folder of <label>_<id>.png files."""
+    files = sorted(Path(root).expanduser().rglob("*.png"))
+    labels = [f.name.split("_")[0] for f in files]
+    names = sorted(set(labels))
+    return ImageTable([str(f) for f in files], [names.index(label) for label in labels], names, name="parts")
+''',
+    "my_conf/backbone/tiny.yaml": '''
+defaults:
+  - timm            # the packaged backbone/timm.yaml: create_backbone, weights=auto
+name: test_efficientnet
+pretrained: false
+''',
+    "my_conf/data/parts.yaml": '''
+defaults:
+  - folder          # splits, batch sizes and workers from the packaged data/folder.yaml
+source:
+  _target_: my_sources.parts
+  root: ${data.root}
+''',
+    "my_conf/augment/rotate.yaml": '''
+train:
+  - _target_: albumentations.Resize
+    height: ${input.size.0}
+    width: ${input.size.1}
+  - _target_: albumentations.Rotate
+    limit: 20
+    p: 1.0
+''',
+}
+
+
+def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(tmp_path: Path) -> None:
+    images = write_image_folder(tmp_path / "images", per_class=10)
+    for name, text in USER_FILES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text.lstrip())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config-dir", "my_conf", "backbone=tiny", "data=parts",
+         f"data.root={images}", "augment=rotate", "input.size=32", "data.num_workers=0", "data.batch_size=8",
+         "schedule=head_only", "schedule.stages.0.epochs=1", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["backbone"] == "test_efficientnet" and results["dataset"] == "parts"
+    assert results["class_names"] == ["cat", "dog"] and sum(results["split_counts"]["train"].values()) > 0
+    config = OmegaConf.load(run_dir / "config.yaml")
+    assert [t["_target_"] for t in config.augment.train] == ["albumentations.Resize", "albumentations.Rotate"]
+    assert config.data.test_fraction == 0.2  # inherited from data/folder.yaml
