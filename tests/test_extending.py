@@ -42,6 +42,10 @@ source:
   _target_: my_sources.parts
   root: ${data.root}
 ''',
+    "my_conf/local/default.yaml": '''
+# @package _global_
+seed: 7                 # picked up without being named: train.yaml's `optional local: default`
+''',
     "my_conf/augment/rotate.yaml": '''
 train:
   - _target_: albumentations.Resize
@@ -73,3 +77,4 @@ def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(
     config = OmegaConf.load(run_dir / "config.yaml")
     assert [t["_target_"] for t in config.augment.train] == ["albumentations.Resize", "albumentations.Rotate"]
     assert config.data.test_fraction == 0.2  # inherited from data/folder.yaml
+    assert config.seed == 7

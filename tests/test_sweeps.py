@@ -67,3 +67,13 @@ def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer() -> None:
     assert (single.hydra.launcher.nodes, single.hydra.launcher.tasks_per_node) == (1, 1)  # trainer=cpu
     from hydra.utils import get_class
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the plugin is installed
+
+
+def test_search_direction_follows_the_monitor_mode() -> None:
+    import transfer.commands  # noqa: F401  (registers the optuna_direction resolver, as every command does)
+    directions = {}
+    for mode in ("max", "min"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", return_hydra_config=True, overrides=["hparams_search=optuna", f"monitor.mode={mode}"])
+        directions[mode] = cfg.hydra.sweeper.direction
+    assert directions == {"max": "maximize", "min": "minimize"}

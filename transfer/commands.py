@@ -10,11 +10,16 @@ import importlib
 from typing import Any, Callable
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from transfer.cli import run_command
 
 CONFIG_PATH = "pkg://transfer.conf"
+
+# ${optuna_direction:${monitor.mode}} in conf/hparams_search: a sweep optimises the way the
+# monitored metric is judged (max -> maximize), so a val/loss monitor cannot be maximised by mistake.
+OmegaConf.register_new_resolver(
+    "optuna_direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode], replace=True)
 
 
 def job_from(path: str) -> Callable[[DictConfig], Any]:
