@@ -63,7 +63,7 @@ def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer() -> None:
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (3, 4, 4)
-    assert launcher.partition == "gpu" and launcher.max_num_timeout == 2
+    assert launcher.partition == "gpu" and launcher.max_num_timeout == 0
     assert (single.hydra.launcher.nodes, single.hydra.launcher.tasks_per_node) == (1, 1)  # trainer=cpu
     from hydra.utils import get_class
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"  # the plugin is installed
