@@ -52,6 +52,9 @@ def test_submitit_launcher_runs_each_job_in_its_own_process(tmp_path: Path) -> N
     assert seeds == [1, 2]
     assert all((sweep_dir / job / "results.json").is_file() for job in ("0", "1"))
     assert len(list((sweep_dir / ".submitit").rglob("*_log.out"))) == 2
+    best = json.loads((sweep_dir / "best_trial.json").read_text())  # a grid keeps its best trial too
+    assert best["trials"] == 2 and best["score"] == max(
+        json.loads((sweep_dir / job / "results.json").read_text())["best_checkpoint"]["score"] for job in ("0", "1"))
 
 
 def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer() -> None:

@@ -47,7 +47,8 @@ class SaveBestTrial(Callback):
         trials = finished_trials(sweep_dir)
         best = best_trial(trials)
         if best is None:
-            log.warning("No finished trial with a validation score in %s.", sweep_dir)
+            if trials:  # e.g. fast_dev_run trials: nothing to compare
+                log.warning("No trial in %s has a validation score; no best trial saved.", sweep_dir)
             return
         trial_dir, results = best
         shutil.copyfile(trial_dir / "config.yaml", sweep_dir / "best_config.yaml")
