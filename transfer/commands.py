@@ -7,12 +7,14 @@ config folder with ``--config-dir``) and hands it to its job.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from transfer.cli import run_command
+from transfer.extras import install_hint, missing_extras
 
 CONFIG_PATH = "pkg://transfer.conf"
 
@@ -33,8 +35,14 @@ def command(config_name: str, job_path: str, answer: Callable[[Any], Any] = lamb
     def main(cfg: DictConfig) -> Any:
         return answer(run_command(job_from(job_path), cfg))
 
-    main.__doc__ = f"Compose conf/{config_name}.yaml with the command line's overrides, run {job_path}."
-    return main
+    def run() -> Any:
+        missing = missing_extras(sys.argv[1:])
+        if missing:
+            sys.exit(install_hint(missing))  # before Hydra, whose own message leaves the fix unsaid
+        return main()
+
+    run.__doc__ = f"Compose conf/{config_name}.yaml with the command line's overrides, run {job_path}."
+    return run
 
 
 def sweep_objective(results: dict[str, Any]) -> float | None:
