@@ -88,7 +88,7 @@ def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str]
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from transfer.run import instantiate_loggers
+    from transfer.run import instantiate_named
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -106,7 +106,7 @@ def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str]
         module.set_stage(0)
         timer = StepTimer()
         trainer = instantiate(cfg.trainer, max_epochs=1, limit_train_batches=args.warmup + args.steps,
-                              limit_val_batches=0, enable_checkpointing=False, logger=instantiate_loggers(cfg),
+                              limit_val_batches=0, enable_checkpointing=False, logger=instantiate_named(cfg, "logger"),
                               callbacks=[timer], default_root_dir=run_dir)
         trainer.fit(module, datamodule=datamodule)
     return {"images_per_s": timer.batches * args.batch / (timer.finished - timer.started), **peak_memory()}

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]  # the repo: train.py, conf/
+CONF_DIR = str(ROOT / "conf")
 
 # Short, small runs: a tiny timm model at 32 px, two 1-epoch stages, no worker processes.
 FAST = [

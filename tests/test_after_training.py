@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
-from tests.conftest import FAST, compose_config, write_image_folder
+from tests.conftest import FAST, ROOT, compose_config, write_image_folder
 from transfer.errors import DataError, TransferError
 from transfer.evaluate import evaluate
 from transfer.explain import explain_files
@@ -26,8 +26,6 @@ from transfer.inference import load_classifier
 from transfer.predict import predict
 from transfer.run import train
 from transfer.saliency import grad_cam, gradient_map
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

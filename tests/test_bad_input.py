@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tests.conftest import FAST, compose_config, make_image, write_image_folder
+from tests.conftest import FAST, ROOT, compose_config, make_image, write_image_folder
 from transfer.checkpoint_io import atomic_torch_save
 from transfer.data.datamodule import ImageDataset
 from transfer.data.scan import find_bad_images
@@ -26,7 +26,6 @@ from transfer.data.transforms import eval_transform
 from transfer.errors import DataError, ImageReadError
 from transfer.run import train
 
-ROOT = Path(__file__).resolve().parents[1]
 INPUT = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
 
 

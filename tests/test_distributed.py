@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_image_folder
+from tests.conftest import ROOT, write_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # No randomness but the data order: no augmentation, no dropout, BatchNorm frozen in every stage
 # (per-process batch statistics would differ from single-process ones by design).

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.conftest import write_image_folder
+from tests.conftest import ROOT, write_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 
 USER_FILES = {
     "my_sources.py": '''

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, write_image_folder
+from tests.conftest import FAST, ROOT, write_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["train", "evaluate", "predict", "explain", "export"]
 
 

@@ -10,9 +10,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, FAST, write_image_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import CONF_DIR, FAST, ROOT, write_image_folder
 
 
 def multirun(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:

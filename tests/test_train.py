@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAST, compose_config
+from tests.conftest import FAST, ROOT, compose_config
 from transfer.errors import TransferError
 from transfer.run import train
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAD_ONLY = [o for o in FAST if not o.startswith("schedule.")] + ["schedule=head_only", "schedule.stages.0.epochs=1"]
 
 

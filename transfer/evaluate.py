@@ -6,7 +6,6 @@ split with its seed, so ``split=test`` is exactly the images the run was tested 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -21,6 +20,7 @@ from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1
                                          MulticlassRecall)
 
 from transfer.cli import pick_device
+from transfer.csv_files import write_csv
 from transfer.data.datamodule import ImageDataset
 from transfer.data.sources import ImageTable, subsample
 from transfer.data.splits import split_indices
@@ -106,15 +106,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     mistakes = confident_mistakes(probs, labels, cfg.gallery_size)
     predicted = probs.argmax(dim=1)
 
-    with open(out_dir / "per_class.csv", "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(per_class[0]))
-        writer.writeheader()
-        writer.writerows(per_class)
-    with open(out_dir / "predictions.csv", "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["path", "true", "predicted", "confidence", *[f"p_{n}" for n in names]])
-        for path, label, guess, row in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist()):
-            writer.writerow([path, names[label], names[guess], f"{row[guess]:.6f}", *[f"{p:.6f}" for p in row]])
+    write_csv(out_dir / "per_class.csv", list(per_class[0]), [list(row.values()) for row in per_class])
+    write_csv(out_dir / "predictions.csv", ["path", "true", "predicted", "confidence", *[f"p_{n}" for n in names]],
+              [[path, names[label], names[guess], f"{row[guess]:.6f}", *[f"{p:.6f}" for p in row]]
+               for path, label, guess, row in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist())])
     confusion_figure(matrix, names, out_dir / "confusion_matrix.png",
                      f"{table.name} {cfg.split}: accuracy {metrics['acc']:.2%} (n={len(paths)})")
     if mistakes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from transfer.cli import pick_device
+from transfer.csv_files import write_csv
 from transfer.data.files import find_images
 from transfer.data.images import load_rgb
 from transfer.errors import ImageReadError, TransferError
@@ -75,10 +75,7 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
                    f"{path.name}: predicted {classifier.class_names[predicted]} ({probs[predicted]:.2f}); "
                    f"maps for '{name}'")
         rows.append([str(path), panel.name, classifier.class_names[predicted], f"{probs[predicted]:.6f}", name])
-    with open(out_dir / "explanations.csv", "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["path", "panel", "predicted", "confidence", "explained_class"])
-        writer.writerows(rows)
+    write_csv(out_dir / "explanations.csv", ["path", "panel", "predicted", "confidence", "explained_class"], rows)
     for path, error in unreadable:
         log.warning("Skipped unreadable %s: %s", path, error)
     log.info("%d panel(s) (%s) in %s", len(rows), ", ".join(methods), out_dir)

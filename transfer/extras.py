@@ -12,8 +12,7 @@ from typing import Callable, Sequence
 
 # (command-line override pattern, module that must be importable, extra that installs it)
 EXTRAS: list[tuple[str, str, str]] = [
-    (r"^\+?hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "optuna"),
-    (r"^hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    (r"^(\+?hparams_search|hydra/sweeper)=optuna", "hydra_plugins.hydra_optuna_sweeper", "optuna"),
     (r"^hydra/launcher=(slurm|submitit_\w+)", "hydra_plugins.hydra_submitit_launcher", "slurm"),
     (r"^logger=.*tensorboard", "tensorboard", "tensorboard"),
     (r"^logger=.*mlflow", "mlflow", "mlflow"),

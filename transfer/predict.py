@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import Counter
@@ -14,6 +13,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from transfer.cli import pick_device
+from transfer.csv_files import write_csv
 from transfer.data.files import FileDataset, find_images, readable_batch
 from transfer.inference import Classifier, load_classifier
 
@@ -38,12 +38,11 @@ def predict_files(classifier: Classifier, paths: list[Path], tta: str = "none", 
 
 def write_predictions(path: Path, paths: list[Path], probabilities: torch.Tensor, indices: list[int],
                       class_names: list[str]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["path", "predicted", "confidence", *[f"p_{name}" for name in class_names]])
-        for index, probs in zip(indices, probabilities.tolist()):
-            best = max(range(len(probs)), key=probs.__getitem__)
-            writer.writerow([paths[index], class_names[best], f"{probs[best]:.6f}", *[f"{p:.6f}" for p in probs]])
+    rows = []
+    for index, probs in zip(indices, probabilities.tolist()):
+        best = max(range(len(probs)), key=probs.__getitem__)
+        rows.append([paths[index], class_names[best], f"{probs[best]:.6f}", *[f"{p:.6f}" for p in probs]])
+    write_csv(path, ["path", "predicted", "confidence", *[f"p_{name}" for name in class_names]], rows)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -56,10 +55,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     probabilities, indices, unreadable = predict_files(classifier, paths, cfg.tta, cfg.batch_size, cfg.num_workers)
     write_predictions(out_dir / "predictions.csv", paths, probabilities, indices, classifier.class_names)
     if unreadable:
-        with open(out_dir / "unreadable.csv", "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(["path", "error"])
-            writer.writerows((str(paths[i]), error) for i, error in unreadable)
+        write_csv(out_dir / "unreadable.csv", ["path", "error"], [(str(paths[i]), error) for i, error in unreadable])
         log.warning("%d file(s) could not be read; listed in %s:\n%s", len(unreadable), out_dir / "unreadable.csv",
                     "\n".join(f"  {paths[i]}" for i, _ in unreadable[:10]))
     counts = Counter(classifier.class_names[i] for i in probabilities.argmax(dim=1).tolist())

@@ -115,15 +115,10 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
     return module, input_config
 
 
-def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """User callbacks from the ``callbacks`` config node (name -> ``_target_`` node), fresh per stage."""
-    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-
-
-def instantiate_loggers(cfg: DictConfig) -> list[Any] | bool:
-    """The ``logger`` node holds name -> ``_target_`` node (``logger=[csv,tensorboard]`` merges two)."""
-    nodes = (cfg.get("logger") or {}).values()
-    return [instantiate(node) for node in nodes if node is not None] or False
+def instantiate_named(cfg: DictConfig, key: str) -> list[Any]:
+    """Every ``_target_`` node under ``key`` (name -> node), as ``callbacks`` and ``logger`` hold them
+    (``logger=[csv,tensorboard]`` merges two such mappings); a null node is switched off."""
+    return [instantiate(node) for node in (cfg.get(key) or {}).values() if node is not None]
 
 
 def is_dry_run(cfg: DictConfig) -> bool:
@@ -198,7 +193,7 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
         cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir,
         plugins=[AtomicCheckpointIO()],
         callbacks=[best, latest, EpochSummary(stage.name), replicas, ContinueLogSteps(log_step),
-                   *instantiate_callbacks(cfg)])
+                   *instantiate_named(cfg, "callbacks")])  # fresh per stage
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
@@ -277,7 +272,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start, resumed = resume_point(cfg.get("ckpt_path"))
     if cfg.get("ckpt_path"):
         log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, module.stages[start].name)
-    logger = instantiate_loggers(cfg)
+    logger = instantiate_named(cfg, "logger") or False
     stage_reports: list[dict[str, Any]] = []
     for index in range(start, len(module.stages)):
         resume = (cfg.ckpt_path, resumed) if index == start and cfg.get("ckpt_path") else None

@@ -7,12 +7,12 @@ all found, each with its reason.
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from transfer.csv_files import write_csv
 from transfer.data.images import load_rgb
 from transfer.data.sources import ImageTable
 from transfer.errors import DataError, ImageReadError
@@ -35,13 +35,6 @@ def find_bad_images(paths: list[str]) -> list[tuple[str, str]]:
     return [(path, reason) for path in paths if (reason := _problem(path)) is not None]
 
 
-def write_report(path: Path, bad: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["path", "reason"])
-        writer.writerows(bad)
-
-
 def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTable, list[tuple[str, str]]]:
     """Scan ``table``; with ``action='error'`` stop on bad files, with ``'skip'`` drop them.
 
@@ -53,7 +46,7 @@ def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTab
     if not bad:
         return table, bad
     report.parent.mkdir(parents=True, exist_ok=True)
-    write_report(report, bad)
+    write_csv(report, ["path", "reason"], bad)
     listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:10])
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
     if action == "error":
