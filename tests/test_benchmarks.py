@@ -27,3 +27,32 @@ def test_speed_benchmark_prints_every_row_and_the_target_ratios() -> None:
         assert toolkit_mb > 100 and plain_mb > 100
     for label in ("head only / full", "feature cache / no cache", "fastest stage's consumption"):
         assert re.search(re.escape(label) + r".*: \d+\.\d+x", done.stdout), label
+
+
+def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) -> None:
+    tiny = ["backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false", "input.size=32",
+            "data.num_workers=0", "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1",
+            "schedule.stages.1.unfreeze=1", "data.max_images=80"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/panel.py", "--datasets", "elpv_defective", "faces_few",
+         "--workdir", str(tmp_path / "panel"), "--", *tiny],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["elpv_defective", "faces_few"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.split("|")[1:-1]]
+        default, f1, minutes, chosen, hand, setting, pixels, method = cells[1:]
+        assert method in ("logistic regression", "RBF SVM")
+        for accuracy in (default, hand, pixels):
+            assert 0.0 <= float(accuracy.rstrip("%")) <= 100.0
+        assert float(hand.rstrip("%")) >= float(default.rstrip("%"))  # the best of default and alternatives
+        assert float(minutes) > 0 and 0.0 <= float(f1) <= 1.0
+    elpv, faces = rows
+    assert "(the default)" in elpv  # ELPV's recipe is itself the hand-chosen one: no alternatives
+    assert "SquareSymmetry" in elpv and "auto:" not in elpv  # ELPV names its own (cells)
+    assert "auto:" in faces  # a folder of images gets augment=auto
+    runs = sorted(p.name for p in (tmp_path / "panel" / "runs").iterdir())
+    assert runs == ["elpv_defective-default", "faces_few-default", "faces_few-hand0", "faces_few-hand1"]
+    for run in runs:
+        assert (tmp_path / "panel" / "runs" / run / "results.json").is_file()

@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transfer.augment_probe import choose_augmentation, settings_from
+from transfer.budget import Budget, check_single_process
 from transfer.callbacks import ContinueLogSteps, EpochSummary, ReplicaCheck, logged_steps
 from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.data.balance import check_split_classes, class_weights_for
@@ -138,6 +141,51 @@ def build_datamodule(cfg: DictConfig, table: ImageTable, input_config: dict[str,
     return datamodule
 
 
+def choose_augment(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule,
+                   run_dir: Path) -> dict[str, Any] | None:
+    """``augment=auto``: probe the data (`transfer.augment_probe`), then train with its choice.
+
+    The choice replaces ``augment.train`` in the config (so the run's config.yaml holds it) and is
+    written as ``augment/chosen.yaml`` in the run directory, a config group option of its own:
+    ``--config-dir RUN_DIR augment=chosen`` repeats the run without probing.
+    """
+    if not cfg.augment.get("auto"):
+        return None
+    settings = settings_from(OmegaConf.to_container(cfg.augment.get("probe") or OmegaConf.create({})))
+    report = choose_augmentation(module.model, datamodule, module.hparams.input_config, settings,
+                                 cfg.seed, module.channels_last)
+    with open_dict(cfg):
+        cfg.augment.train = report["train"]
+    augmentations = instantiate(cfg.augment.train) if cfg.augment.train else None
+    datamodule.train_transform = train_transform(augmentations, module.hparams.input_config)
+    datamodule.check_transforms()
+    write_chosen_augment(run_dir / "augment" / "chosen.yaml", report["train"])
+    return report
+
+
+@rank_zero_only
+def write_chosen_augment(path: Path, nodes: list[dict[str, Any]] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ("# Chosen by augment=auto for this run (results.json holds the evidence). Repeat it with\n"
+              f"#   python train.py --config-dir {path.parent.parent} augment=chosen ...\n")
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({"train": nodes})))
+
+
+def plan_budget(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule,
+                started: float) -> Budget | None:
+    """``budget.minutes``: shorten the schedule to fit the time left (`transfer.budget`)."""
+    minutes = (cfg.get("budget") or {}).get("minutes")
+    if not minutes:
+        return None
+    check_single_process(cfg.trainer)
+    if cfg.get("ckpt_path"):
+        raise TransferError("budget.minutes plans new runs, not resumed ones: resume without it, "
+                            "with the epochs the run planned (its log and results.json list them).")
+    budget = Budget(float(minutes), started)
+    budget.plan(module, datamodule, [uses_feature_cache(cfg, stage) for stage in module.stages])
+    return budget
+
+
 def log_setup(cfg: DictConfig, datamodule: ImageDataModule, module: ClassifierModule) -> None:
     table, config = datamodule.table, module.hparams.input_config
     log.info("Data '%s': %d images, classes %s", table.name, len(table.paths), table.class_names)
@@ -158,18 +206,21 @@ def check_feature_cache(cfg: DictConfig, stages: list[Stage]) -> None:
         return
     if not any(uses_feature_cache(cfg, stage) for stage in stages):
         log.warning("feature_cache=true has no effect: no stage of this schedule is head-only.")
-    elif cfg.augment.get("train"):
+    elif cfg.augment.get("train") or cfg.augment.get("auto"):
         raise TransferError(
             "feature_cache=true computes each image's backbone features once, so it needs training "
-            "images without random augmentation: add augment=none, or drop feature_cache=true.")
+            "images without random augmentation: add augment=none, or drop feature_cache=true (data=folder "
+            "and data=csv choose augment=auto, which augments).")
 
 
 def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, index: int,
-              logger: Any, resume: tuple[str, dict[str, Any]] | None, log_step: int = 0) -> dict[str, Any]:
+              logger: Any, resume: tuple[str, dict[str, Any]] | None, log_step: int = 0,
+              max_seconds: float | None = None) -> dict[str, Any]:
     """One schedule stage as one ``Trainer.fit``; returns the stage's report for results.json.
 
     ``resume`` is (checkpoint path, its schedule state) when this stage continues an interrupted run;
-    ``log_step`` is where the loggers' step axis starts (where the previous stage ended).
+    ``log_step`` is where the loggers' step axis starts (where the previous stage ended);
+    ``max_seconds`` stops the stage at that wall time (Lightning's ``max_time``), for budgets.
     """
     run_dir, stage = Path(cfg.paths.output_dir), module.stages[index]
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
@@ -189,11 +240,15 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1,
                              monitor=None, enable_version_counter=False)
     replicas = ReplicaCheck()
+    # The stage ends on a plateau of the monitored metric (Lightning's EarlyStopping, its state is
+    # checkpointed with the rest), within its epochs; under a budget also at its time limit.
+    plateau = ([EarlyStopping(monitor=monitor, mode=mode, patience=stage.patience)]
+               if stage.patience else [])
     trainer: L.Trainer = instantiate(
         cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()], max_time=max_seconds and timedelta(seconds=max_seconds),
         callbacks=[best, latest, EpochSummary(stage.name), replicas, ContinueLogSteps(log_step),
-                   *instantiate_named(cfg, "callbacks")])  # fresh per stage
+                   *plateau, *instantiate_named(cfg, "callbacks")])  # fresh per stage
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
@@ -214,6 +269,7 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
             "frozen_params": trainable.frozen_params, "best_checkpoint": record["path"],
             f"best_{monitor}": record["score"], "distributed": replicas.report,
             "lr_find": lr_search, "logged_steps": logged_steps(trainer),
+            "epochs_run": trainer.current_epoch, "stopped_early": bool(plateau and plateau[0].stopped_epoch),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -260,8 +316,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module, input_config = build_module(cfg, table.num_classes, table.class_names, stages)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
-    write_config(run_dir / "config.yaml", cfg)
     datamodule = build_datamodule(cfg, table, input_config)
+    augment_choice = choose_augment(cfg, module, datamodule, run_dir)
+    budget = plan_budget(cfg, module, datamodule, started)
+    write_config(run_dir / "config.yaml", cfg)
     log_setup(cfg, datamodule, module)
     split_counts = datamodule.split_counts()
     check_split_classes(split_counts)
@@ -277,7 +335,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for index in range(start, len(module.stages)):
         resume = (cfg.ckpt_path, resumed) if index == start and cfg.get("ckpt_path") else None
         log_step = stage_reports[-1]["logged_steps"] if stage_reports else 0
-        stage_reports.append(fit_stage(cfg, module, datamodule, index, logger, resume, log_step))
+        limit = budget.stage_limit(index) if budget else None
+        stage_reports.append(fit_stage(cfg, module, datamodule, index, logger, resume, log_step, limit))
     best, test_metrics, confusion, world_size = evaluate_best(cfg, module, datamodule, logger)
 
     results = {
@@ -289,6 +348,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "skipped_images": [path for path, _ in skipped],
         "class_weights": weights,
         "input": input_config,
+        "budget": budget.report if budget else None,
+        "augment": augment_choice or {"train": OmegaConf.to_container(cfg.augment.train) if cfg.augment.get("train") else []},
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "stages": stage_reports,
         "best_checkpoint": best,

@@ -27,6 +27,7 @@ class Stage:
     min_lr_ratio: float = 0.01   # cosine decay down to lr * min_lr_ratio
     layer_decay: float | None = None  # timm layer-wise LR decay inside the stage (e.g. 0.7)
     freeze_bn: bool = False      # keep BatchNorm statistics frozen in unfrozen blocks too
+    patience: int | None = None  # stop the stage after this many epochs without a better val metric
 
 
 def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
@@ -41,6 +42,8 @@ def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
         stage = Stage(**raw)
         if stage.epochs < 1 or stage.lr <= 0:
             raise ScheduleError(f"Stage '{stage.name}' needs epochs >= 1 and lr > 0.")
+        if stage.patience is not None and stage.patience < 1:
+            raise ScheduleError(f"Stage '{stage.name}': patience must be >= 1 epoch, or null (no early stop).")
         parsed.append(stage)
     if not parsed:
         raise ScheduleError("The schedule has no stages.")

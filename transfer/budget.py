@@ -1,0 +1,198 @@
+"""``budget.minutes=N``: fit the whole schedule, test included, into N minutes of wall time here.
+
+Before the first stage, each stage's cost is measured on this machine with the real model and
+real batches: a few forward + backward passes with exactly that stage's layers trainable, a
+forward pass at evaluation batch size, and the decoding and augmentation of a training batch.
+From those and the split sizes comes the time of one epoch of each stage (training and
+validation; a head-only stage on cached features costs one feature extraction instead). If the
+schedule does not fit in what is left of the budget, every stage's epochs are scaled down by the
+same factor (at least one each), so the schedule keeps its shape. While training, each stage
+also gets Lightning's ``max_time``: the time left minus what the later stages and the test need,
+so a slow epoch cannot push the run past the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from transfer.data.datamodule import ImageDataModule
+from transfer.errors import TransferError
+from transfer.module import ClassifierModule
+from transfer.schedule import Stage
+
+log = logging.getLogger("transfer")
+
+SAFETY = 0.9           # plan to this fraction of the time left (per-epoch overheads, noise)
+RESERVE_SECONDS = 10   # process start-up and teardown the run cannot time itself
+EPOCH_OVERHEAD = 0.5   # Lightning's loops, loader start-up and logging per epoch, measured on tiny data
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Seconds per image on this machine for one stage."""
+
+    train: float       # a training step (forward + backward), data loading included
+    evaluate: float    # an evaluation forward pass
+    cached: bool       # head-only on cached features: one extraction, epochs nearly free
+    epoch: float = EPOCH_OVERHEAD  # seconds each epoch costs besides images: checkpoints, loop set-up
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    train: int
+    val: int
+    test: int
+
+
+def epoch_seconds(cost: StageCost, sizes: SplitSizes) -> float:
+    if cost.cached:
+        return cost.epoch
+    return sizes.train * cost.train + sizes.val * cost.evaluate + cost.epoch
+
+
+def stage_seconds(cost: StageCost, sizes: SplitSizes, epochs: int) -> float:
+    fixed = (sizes.train + sizes.val) * cost.evaluate if cost.cached else 0.0
+    return fixed + epochs * epoch_seconds(cost, sizes)
+
+
+def test_seconds(costs: Sequence[StageCost], sizes: SplitSizes) -> float:
+    return sizes.test * max(cost.evaluate for cost in costs)
+
+
+def plan_epochs(stages: Sequence[Stage], costs: Sequence[StageCost], sizes: SplitSizes,
+                seconds: float) -> list[int]:
+    """Epochs per stage so that all stages fit in ``seconds``: the schedule's own when it fits,
+    otherwise every stage scaled by the largest common factor that fits (at least 1 epoch each)."""
+
+    def total(epochs: Sequence[int]) -> float:
+        return sum(stage_seconds(c, sizes, e) for c, e in zip(costs, epochs))
+
+    planned = [stage.epochs for stage in stages]
+    if total(planned) <= seconds:
+        return planned
+    low, high = 0.0, 1.0
+    for _ in range(40):  # bisect the common factor
+        middle = (low + high) / 2
+        if total([max(1, math.floor(middle * e)) for e in planned]) <= seconds:
+            low = middle
+        else:
+            high = middle
+    return [max(1, math.floor(low * e)) for e in planned]
+
+
+def _train_batch(datamodule: ImageDataModule) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A training batch through the training transform, and the seconds its decoding took."""
+    dataset = datamodule.dataset("train")
+    count = min(datamodule.batch_size, len(dataset))
+    started = time.perf_counter()
+    items = [dataset[i] for i in range(count)]
+    seconds = (time.perf_counter() - started) / count
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]), seconds
+
+
+def measure_costs(module: ClassifierModule, datamodule: ImageDataModule, cached: Sequence[bool],
+                  steps: int = 3) -> list[StageCost]:
+    """Time each stage's training step and the evaluation pass on real batches; the model's
+    weights and BatchNorm statistics are restored afterwards, so the run is unchanged."""
+    images, labels, load = _train_batch(datamodule)
+    if module.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    saved = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    # Every epoch writes last.ckpt (and the best one when it improves): weights plus AdamW's two
+    # moments of the trainable ones, about three times the weights.
+    started = time.perf_counter()
+    torch.save(saved, io.BytesIO())
+    epoch = EPOCH_OVERHEAD + 2 * 3 * (time.perf_counter() - started)
+    workers = datamodule.num_workers
+    costs = []
+    try:
+        module.eval()
+        with torch.inference_mode():
+            module(images)  # warm-up
+            started = time.perf_counter()
+            module(images)
+            evaluate = (time.perf_counter() - started) / len(images)
+        for index, is_cached in enumerate(cached):
+            if is_cached:  # its epochs run on features: only the extraction counts
+                costs.append(StageCost(train=0.0, evaluate=evaluate, cached=True, epoch=epoch))
+                continue
+            module.set_stage(index)
+            module.train()
+            seconds = []
+            for step in range(steps + 1):  # the first step warms up (allocations)
+                started = time.perf_counter()
+                loss = F.cross_entropy(module(images), labels)
+                if loss.requires_grad:
+                    loss.backward()
+                seconds.append(time.perf_counter() - started)
+                module.zero_grad(set_to_none=True)
+            step = min(seconds[1:]) / len(images)
+            # Loader workers decode in parallel with the step; without them, decoding adds to it.
+            train = max(step, load / workers) if workers > 0 else step + load
+            costs.append(StageCost(train=train, evaluate=evaluate, cached=False, epoch=epoch))
+    finally:
+        module.load_state_dict(saved)
+        module.set_stage(0)
+        module.train()
+    return costs
+
+
+def check_single_process(trainer: Any) -> None:
+    """The plan is measured and made in each process: several processes could plan differently."""
+    devices = trainer.get("devices", 1)
+    several = (str(devices) not in ("1", "auto") if not isinstance(devices, (list, tuple)) else len(devices) > 1)
+    if several or int(trainer.get("num_nodes", 1) or 1) > 1 or "ddp" in str(trainer.get("strategy", "")):
+        raise TransferError("budget.minutes plans on one process; with several devices or nodes set "
+                            "each stage's epochs (schedule.stages.N.epochs) instead.")
+
+
+class Budget:
+    """The run's time budget: the plan before training, and each stage's time limit during it."""
+
+    def __init__(self, minutes: float, started: float) -> None:
+        if minutes <= 0:
+            raise TransferError(f"budget.minutes must be positive, not {minutes}.")
+        self.deadline = started + 60.0 * minutes - RESERVE_SECONDS
+        self.minutes = minutes
+        self.planned_seconds: list[float] = []
+        self.test_seconds = 0.0
+        self.report: dict[str, Any] = {}
+
+    def plan(self, module: ClassifierModule, datamodule: ImageDataModule, cached: Sequence[bool]) -> None:
+        """Measure, then shorten ``module.stages`` to fit in the time left."""
+        sizes = SplitSizes(*(len(datamodule.splits[s]) for s in ("train", "val", "test")))
+        costs = measure_costs(module, datamodule, cached)
+        self.test_seconds = test_seconds(costs, sizes)
+        left = self.deadline - time.perf_counter()
+        available = SAFETY * (left - self.test_seconds)
+        epochs = plan_epochs(module.stages, costs, sizes, available)
+        module.stages = [dataclasses.replace(stage, epochs=e) for stage, e in zip(module.stages, epochs)]
+        self.planned_seconds = [stage_seconds(c, sizes, e) for c, e in zip(costs, epochs)]
+        self.report = {
+            "minutes": self.minutes, "seconds_left_at_plan": round(left, 1),
+            "epochs": epochs, "planned_stage_seconds": [round(s, 1) for s in self.planned_seconds],
+            "planned_test_seconds": round(self.test_seconds, 1),
+            "seconds_per_image": [{"train": round(c.train, 5), "evaluate": round(c.evaluate, 5),
+                                   "cached": c.cached} for c in costs],
+            "seconds_per_epoch_overhead": round(costs[0].epoch, 2),
+        }
+        log.info("budget.minutes=%g: %.0fs left; stages planned at %s epoch(s), %s s, test %.0f s",
+                 self.minutes, left, epochs, [round(s) for s in self.planned_seconds], self.test_seconds)
+        if sum(self.planned_seconds) > available:
+            log.warning("budget.minutes=%g is shorter than one epoch of every stage (%.0f s planned, %.0f s "
+                        "available): each stage stops at its time limit.", self.minutes,
+                        sum(self.planned_seconds), available)
+
+    def stage_limit(self, index: int) -> float:
+        """Seconds stage ``index`` may run: what is left, less the later stages' plan and the test."""
+        later = sum(self.planned_seconds[index + 1:]) if self.planned_seconds else 0.0
+        return max(1.0, self.deadline - time.perf_counter() - later - self.test_seconds)
