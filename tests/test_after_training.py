@@ -129,6 +129,28 @@ def test_flip_tta_averages_the_views_and_is_flip_invariant(trained) -> None:
                                classifier.probabilities(images.flip(-1).flip(-2), "flips"))
 
 
+def test_auto_tta_uses_the_symmetries_the_model_was_trained_with(trained) -> None:
+    from transfer.symmetries import symmetries_of, views_for
+
+    # The fixture trains with augment=light (a crop and a mirror image): the checkpoint says so.
+    assert trained["results"]["augment"]["symmetries"] == ["hflip"]
+    classifier = load_classifier(trained["ckpt"])
+    assert classifier.symmetries == ["hflip"]
+    images = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(classifier.probabilities(images, "auto"), classifier.probabilities(images, "hflip"))
+    classifier.symmetries = []  # a model of characters: no view but the image itself
+    torch.testing.assert_close(classifier.probabilities(images, "auto"), classifier.probabilities(images, "none"))
+
+    assert symmetries_of([{"_target_": "albumentations.SquareSymmetry"}, {"_target_": "albumentations.Affine"}]) \
+        == ["hflip", "vflip", "rot90"]
+    assert symmetries_of([{"_target_": "albumentations.VerticalFlip"}]) == ["vflip"]
+    assert symmetries_of(None) == []
+    # Solar cells: the image, both flips, the half turn and both quarter turns.
+    square = torch.arange(16.0).reshape(1, 1, 4, 4)
+    views = [view(square) for view in views_for(["hflip", "vflip", "rot90"])]
+    assert len(views) == 6 and len({tuple(v.flatten().tolist()) for v in views}) == 6
+
+
 def test_gradient_saliency_is_the_score_gradient() -> None:
     import timm
 

@@ -8,7 +8,7 @@ nothing else: no training config, no dataset, no network.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,6 +21,7 @@ import torch.nn as nn
 from transfer.backbone import check_model_name
 from transfer.data.transforms import eval_transform
 from transfer.errors import TransferError
+from transfer.symmetries import views_for
 
 # Test-time augmentation: the views whose softmax outputs are averaged.
 TTA_VIEWS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
@@ -37,6 +38,7 @@ class Classifier:
     input_config: dict[str, Any]
     backbone: str
     checkpoint: str
+    symmetries: list[str] = field(default_factory=list)  # flips and turns it was trained with
 
     @property
     def device(self) -> torch.device:
@@ -49,11 +51,17 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
-        """Softmax over classes for a preprocessed NCHW batch, averaged over the TTA views."""
-        if tta not in TTA_VIEWS:
-            raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of {sorted(TTA_VIEWS)}.")
+        """Softmax over classes for a preprocessed NCHW batch, averaged over the TTA views
+        (``auto``: the flips and turns the model was trained with, `transfer.symmetries`)."""
+        if tta == "auto":
+            chosen = views_for(self.symmetries)
+        elif tta in TTA_VIEWS:
+            chosen = TTA_VIEWS[tta]
+        else:
+            raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of "
+                                f"{sorted([*TTA_VIEWS, 'auto'])}.")
         images = images.to(self.device)
-        views = [self.model(view(images)).float().softmax(dim=-1) for view in TTA_VIEWS[tta]]
+        views = [self.model(view(images)).float().softmax(dim=-1) for view in chosen]
         return torch.stack(views).mean(dim=0)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
@@ -87,7 +95,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
                               **state.get("model_kwargs", {}))
     model.load_state_dict(model_state(checkpoint))
     model.eval().to(device)
-    return Classifier(model, list(state["class_names"]), dict(state["input_config"]), state["backbone"], str(path))
+    return Classifier(model, list(state["class_names"]), dict(state["input_config"]), state["backbone"], str(path),
+                      list(state.get("symmetries", [])))
 
 
 def label_indices(class_names: Sequence[str], model_classes: Sequence[str]) -> np.ndarray:

@@ -56,6 +56,8 @@ class ClassifierModule(L.LightningModule):
         self.features_cached = False  # this stage's batches hold pooled features, not images
         # Best checkpoint of each finished stage: [{"stage", "path", "score"}], kept across resumes.
         self.stage_bests: list[dict[str, Any]] = []
+        # Flips and turns the training augmentation applies (`transfer.symmetries`), for tta=auto.
+        self.symmetries: list[str] = []
         num_classes = len(self.class_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = classification_metrics(num_classes, "val/")
@@ -154,6 +156,7 @@ class ClassifierModule(L.LightningModule):
             "backbone": self.hparams.backbone_name,
             "model_kwargs": dict(self.hparams.model_kwargs or {}),  # timm.create_model arguments
             "input_config": self.hparams.input_config,
+            "symmetries": self.symmetries,
         }
 
     def _current_best(self) -> dict[str, Any] | None:

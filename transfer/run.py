@@ -35,6 +35,7 @@ from transfer.lr_find import find_stage_lr
 from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
 from transfer.schedule import Stage, parse_stages
+from transfer.symmetries import symmetries_of
 
 log = logging.getLogger("transfer")
 
@@ -318,6 +319,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
     datamodule = build_datamodule(cfg, table, input_config)
     augment_choice = choose_augment(cfg, module, datamodule, run_dir)
+    module.symmetries = symmetries_of(cfg.augment.get("train"))
     budget = plan_budget(cfg, module, datamodule, started)
     write_config(run_dir / "config.yaml", cfg)
     log_setup(cfg, datamodule, module)
@@ -349,7 +351,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "class_weights": weights,
         "input": input_config,
         "budget": budget.report if budget else None,
-        "augment": augment_choice or {"train": OmegaConf.to_container(cfg.augment.train) if cfg.augment.get("train") else []},
+        "augment": {**(augment_choice or {"train": OmegaConf.to_container(cfg.augment.train)
+                                          if cfg.augment.get("train") else []}),
+                    "symmetries": module.symmetries},
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "stages": stage_reports,
         "best_checkpoint": best,
