@@ -73,6 +73,7 @@ def test_probe_keeps_mirrors_and_rejects_turns_on_stripes(tmp_path: Path) -> Non
     chosen = [node["_target_"].rsplit(".", 1)[-1] for node in results["augment"]["train"]]
     assert "HorizontalFlip" in chosen and "VerticalFlip" in chosen
     assert "RandomRotate90" not in chosen and "SquareSymmetry" not in chosen
+    assert results["augment"]["symmetries"] == ["hflip", "vflip"]  # what tta=auto will average over
 
 
 def test_probe_rejects_mirroring_when_it_changes_the_class(tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ def test_an_explicit_augment_wins_over_auto(tmp_path: Path) -> None:
     cfg = compose_config([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], output_dir=tmp_path / "run")
     assert not cfg.augment.get("auto")
     results = train(cfg)
-    assert results["augment"] == {"train": []}
+    assert results["augment"] == {"train": [], "symmetries": []}
     assert compose_config(["data=folder", "data.root=x"]).augment.auto is True
     assert compose_config(["data=csv", "data.csv=x"]).augment.auto is True
     assert compose_config([]).augment.get("auto") is None  # ELPV names its own (cells)
