@@ -49,10 +49,10 @@ def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) 
         assert float(hand.rstrip("%")) >= float(default.rstrip("%"))  # the best of default and alternatives
         assert float(minutes) > 0 and 0.0 <= float(f1) <= 1.0
     elpv, faces = rows
-    assert "(the default)" in elpv  # ELPV's recipe is itself the hand-chosen one: no alternatives
     assert "SquareSymmetry" in elpv and "auto:" not in elpv  # ELPV names its own (cells)
     assert "auto:" in faces  # a folder of images gets augment=auto
     runs = sorted(p.name for p in (tmp_path / "panel" / "runs").iterdir())
-    assert runs == ["elpv_defective-default", "faces_few-default", "faces_few-hand0", "faces_few-hand1"]
+    assert runs == ["elpv_defective-default", "elpv_defective-hand0", "faces_few-default", "faces_few-hand0",
+                    "faces_few-hand1"]
     for run in runs:
         assert (tmp_path / "panel" / "runs" / run / "results.json").is_file()

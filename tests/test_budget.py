@@ -73,3 +73,25 @@ def test_budget_shortens_the_schedule_and_the_run_ends_in_time(image_folder: Pat
     # 30 s asked for; the test's own process start-up is outside the measurement, so allow a little.
     assert seconds < 30 + 10, (seconds, results["budget"])
     assert results["test"]["acc"] > 0.5
+
+
+EMA = ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.9"]
+
+
+def test_ema_weights_are_validated_checkpointed_and_tested(image_folder: Path, tmp_path: Path) -> None:
+    """Lightning's EMAWeightAveraging through the callbacks config: each stage validates the
+    averaged weights, its checkpoints hold them as the model (the raw ones kept for resuming), and
+    the test and evaluate.py use them."""
+    import torch
+
+    from tests.test_after_training import command_config
+    from transfer.evaluate import evaluate
+
+    results = train(compose_config([*FAST, "data=folder", f"data.root={image_folder}", "schedule.stages.0.epochs=2",
+                                    *EMA], output_dir=tmp_path / "run"))
+    checkpoint = torch.load(results["best_checkpoint"]["path"], map_location="cpu", weights_only=True)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged if k.endswith("weight"))
+    report = evaluate(command_config("evaluate", tmp_path / "eval", [f"ckpt={results['best_checkpoint']['path']}"]))
+    assert report["metrics"]["acc"] == pytest.approx(results["test"]["acc"], abs=1e-6)
