@@ -52,7 +52,7 @@ PANEL = [
     PanelDataset("elpv_defective_5min", ["data=elpv", "budget.minutes=5"]),  # the default within 5 minutes
     PanelDataset("elpv_severity", ["data=elpv_severity"]),
     PanelDataset("elpv_cell_type", ["data=elpv_cell_type"]),
-    PanelDataset("characters", ["data=folder"], [["augment=none"], ["augment=light"]], build="characters"),
+    PanelDataset("characters", ["data=folder"], [["augment=none"]], build="characters"),
     PanelDataset("faces_few", ["data=folder"], [["augment=none"], ["augment=standard"]], build="faces_few"),
 ]
 
