@@ -171,3 +171,13 @@ def test_decision_rules_and_the_pipeline_they_build() -> None:
     nodes = pipeline_nodes(no_crop, {"size": [32, 32], "crop_pct": 0.875, "interpolation": "bicubic"}, settings)
     assert [node["_target_"].rsplit(".", 1)[-1] for node in nodes][:2] == ["SmallestMaxSize", "CenterCrop"]
     assert nodes[0]["max_size"] == 36  # the evaluation geometry: 32 / 0.875
+
+
+def test_a_probe_that_keeps_nothing_leaves_the_run_as_augment_none(tmp_path: Path) -> None:
+    """The probe's loaders must not shift the random state the training draws from."""
+    root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=16)
+    nothing = probe_run(root, tmp_path / "auto", "augment.probe.recognition_tolerance=-1")
+    assert nothing["augment"]["train"] is None
+    plain = train(compose_config([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], output_dir=tmp_path / "none"))
+    assert nothing["test"] == plain["test"]
+    assert nothing["best_checkpoint"]["score"] == plain["best_checkpoint"]["score"]

@@ -153,8 +153,11 @@ def choose_augment(cfg: DictConfig, module: ClassifierModule, datamodule: ImageD
     if not cfg.augment.get("auto"):
         return None
     settings = settings_from(OmegaConf.to_container(cfg.augment.get("probe") or OmegaConf.create({})))
-    report = choose_augmentation(module.model, datamodule, module.hparams.input_config, settings,
-                                 cfg.seed, module.channels_last)
+    # The probe's data loaders draw from torch's global generator; forking it leaves the training
+    # run exactly as it would be with the chosen augmentation given explicitly.
+    with torch.random.fork_rng(devices=[]):
+        report = choose_augmentation(module.model, datamodule, module.hparams.input_config, settings,
+                                     cfg.seed, module.channels_last)
     with open_dict(cfg):
         cfg.augment.train = report["train"]
     augmentations = instantiate(cfg.augment.train) if cfg.augment.train else None
