@@ -149,8 +149,8 @@ def measure_costs(module: ClassifierModule, datamodule: ImageDataModule, cached:
 def check_single_process(trainer: Any) -> None:
     """The plan is measured and made in each process: several processes could plan differently."""
     devices = trainer.get("devices", 1)
-    several = (str(devices) not in ("1", "auto") if not isinstance(devices, (list, tuple)) else len(devices) > 1)
-    if several or int(trainer.get("num_nodes", 1) or 1) > 1 or "ddp" in str(trainer.get("strategy", "")):
+    several_devices = len(devices) > 1 if isinstance(devices, (list, tuple)) else str(devices) not in ("1", "auto")
+    if several_devices or int(trainer.get("num_nodes") or 1) > 1 or "ddp" in str(trainer.get("strategy", "")):
         raise TransferError("budget.minutes plans on one process; with several devices or nodes set "
                             "each stage's epochs (schedule.stages.N.epochs) instead.")
 

@@ -23,12 +23,9 @@ from transfer.data.transforms import eval_transform
 from transfer.errors import TransferError
 from transfer.symmetries import views_for
 
-# Test-time augmentation: the views whose softmax outputs are averaged.
-TTA_VIEWS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
-    "none": (lambda x: x,),
-    "hflip": (lambda x: x, lambda x: x.flip(-1)),
-    "flips": (lambda x: x, lambda x: x.flip(-1), lambda x: x.flip(-2), lambda x: x.flip(-1).flip(-2)),
-}
+# Test-time augmentation: the named view sets (`transfer.symmetries.views_for`); "auto" takes the
+# symmetries the model was trained with from its checkpoint.
+TTA_SYMMETRIES: dict[str, tuple[str, ...]] = {"none": (), "hflip": ("hflip",), "flips": ("hflip", "vflip")}
 
 
 @dataclass
@@ -53,15 +50,12 @@ class Classifier:
     def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """Softmax over classes for a preprocessed NCHW batch, averaged over the TTA views
         (``auto``: the flips and turns the model was trained with, `transfer.symmetries`)."""
-        if tta == "auto":
-            chosen = views_for(self.symmetries)
-        elif tta in TTA_VIEWS:
-            chosen = TTA_VIEWS[tta]
-        else:
+        if tta != "auto" and tta not in TTA_SYMMETRIES:
             raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of "
-                                f"{sorted([*TTA_VIEWS, 'auto'])}.")
+                                f"{sorted([*TTA_SYMMETRIES, 'auto'])}.")
+        symmetries = self.symmetries if tta == "auto" else TTA_SYMMETRIES[tta]
         images = images.to(self.device)
-        views = [self.model(view(images)).float().softmax(dim=-1) for view in chosen]
+        views = [self.model(view(images)).float().softmax(dim=-1) for view in views_for(symmetries)]
         return torch.stack(views).mean(dim=0)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:

@@ -175,6 +175,13 @@ def write_chosen_augment(path: Path, nodes: list[dict[str, Any]] | None) -> None
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({"train": nodes})))
 
 
+def augment_record(cfg: DictConfig, choice: dict[str, Any] | None, symmetries: list[str]) -> dict[str, Any]:
+    """results.json's ``augment``: the training pipeline (with the probe's evidence under
+    ``augment=auto``) and the symmetries it applies."""
+    record = choice or {"train": OmegaConf.to_container(cfg.augment.train) if cfg.augment.get("train") else []}
+    return {**record, "symmetries": symmetries}
+
+
 def plan_budget(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule,
                 started: float) -> Budget | None:
     """``budget.minutes``: shorten the schedule to fit the time left (`transfer.budget`)."""
@@ -354,9 +361,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "class_weights": weights,
         "input": input_config,
         "budget": budget.report if budget else None,
-        "augment": {**(augment_choice or {"train": OmegaConf.to_container(cfg.augment.train)
-                                          if cfg.augment.get("train") else []}),
-                    "symmetries": module.symmetries},
+        "augment": augment_record(cfg, augment_choice, module.symmetries),
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "stages": stage_reports,
         "best_checkpoint": best,
