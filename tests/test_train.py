@@ -157,8 +157,21 @@ def test_lr_finder_sets_the_first_stages_lr_and_saves_its_plot(image_folder: Pat
     assert head["lr_find"]["replaced_lr"] == cfg.schedule.stages[0].lr
     assert head["lr"] == head["lr_find"]["suggestion"] != cfg.schedule.stages[0].lr
     assert finetune["lr"] == cfg.schedule.stages[1].lr and finetune["lr_find"] is None
+    # The head-only stage searched on cached features, then trained on augmented images.
+    assert head["lr_find"]["on_features"] and not head["feature_cache"]
     assert Image.open(tmp_path / "lr_find.png").size[0] > 300
     assert not list(tmp_path.glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone
+
+
+def test_lr_finder_can_scale_the_later_stages_by_the_same_factor(image_folder: Path, tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "data=folder", f"data.root={image_folder}", "lr_find.enabled=true",
+                          "lr_find.num_training=24", "lr_find.scale_later_stages=true",
+                          "lr_find.on_features=false"], output_dir=tmp_path)
+    head, finetune = train(cfg)["stages"]
+    factor = head["lr"] / cfg.schedule.stages[0].lr
+    assert not head["lr_find"]["on_features"]  # searched on images, as asked
+    assert finetune["lr"] == pytest.approx(cfg.schedule.stages[1].lr * factor)
+    assert head["lr_find"]["later_stages"] == {"finetune": pytest.approx(finetune["lr"])}
 
 
 class ConstantLoss(L.LightningModule):

@@ -56,9 +56,15 @@ def suggest(finder: Any, method: str) -> float | None:
 
 
 def find_stage_lr(cfg: DictConfig, module: ClassifierModule, data: L.LightningDataModule, index: int,
-                  run_dir: Path) -> dict[str, Any]:
+                  run_dir: Path, features: L.LightningDataModule | None = None) -> dict[str, Any]:
     """Sweep the lr up exponentially on the stage's trainable parameters (the weights are restored
-    afterwards), save the loss curve to ``lr_find.png`` and set the stage's lr to the suggestion."""
+    afterwards), save the loss curve to ``lr_find.png`` and set the stage's lr to the suggestion.
+
+    ``features``: a `transfer.feature_cache.FeatureDataModule` for a head-only stage. The search then
+    runs on the frozen backbone's cached features, each step costing only the classifier, whatever
+    the stage itself trains on (augmented images included). With ``lr_find.scale_later_stages``
+    the later stages' lrs are multiplied by the same factor, keeping the schedule's ratios.
+    """
     settings, method = cfg.lr_find, cfg.lr_find.get("method", "valley")
     # max_epochs only bounds the search (num_training steps end it); the finder replaces the schedule.
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
@@ -66,8 +72,14 @@ def find_stage_lr(cfg: DictConfig, module: ClassifierModule, data: L.LightningDa
     if trainer.world_size > 1:
         raise TransferError("lr_find.enabled=true runs on one device: find the lr with trainer=cpu or "
                             "trainer=gpu, then pass it, e.g. schedule.stages.0.lr=...")
-    finder = Tuner(trainer).lr_find(module, datamodule=data, min_lr=settings.min_lr, max_lr=settings.max_lr,
-                                    num_training=settings.num_training, update_attr=False)
+    on_features = features is not None and module.stages[index].unfreeze == 0
+    module.set_stage(index, features_cached=on_features)
+    try:
+        finder = Tuner(trainer).lr_find(module, datamodule=features if on_features else data,
+                                        min_lr=settings.min_lr, max_lr=settings.max_lr,
+                                        num_training=settings.num_training, update_attr=False)
+    finally:
+        module.set_stage(index)
     if finder is None:  # fast_dev_run skips the search
         return {"suggestion": None}
     finder.results["loss"] = unbiased(finder.results["loss"])
@@ -83,8 +95,17 @@ def find_stage_lr(cfg: DictConfig, module: ClassifierModule, data: L.LightningDa
     if suggestion is None:
         log.warning("lr_find found no clear minimum of the loss slope; stage '%s' keeps lr %g (curve in %s).",
                     stage.name, stage.lr, run_dir / "lr_find.png")
-        return {"suggestion": None, "kept_lr": stage.lr}
+        return {"suggestion": None, "kept_lr": stage.lr, "on_features": on_features}
+    factor = float(suggestion) / stage.lr
     module.stages[index] = dataclasses.replace(stage, lr=float(suggestion))
-    log.info("lr_find: stage '%s' lr %g -> %g (curve in %s)", stage.name, stage.lr, suggestion,
-             run_dir / "lr_find.png")
-    return {"suggestion": float(suggestion), "replaced_lr": stage.lr, "method": method}
+    log.info("lr_find%s: stage '%s' lr %g -> %g (curve in %s)", " on cached features" if on_features else "",
+             stage.name, stage.lr, suggestion, run_dir / "lr_find.png")
+    scaled = {}
+    if settings.get("scale_later_stages"):
+        for later in range(index + 1, len(module.stages)):
+            old = module.stages[later]
+            module.stages[later] = dataclasses.replace(old, lr=old.lr * factor)
+            scaled[old.name] = module.stages[later].lr
+            log.info("lr_find: stage '%s' lr %g -> %g (same factor)", old.name, old.lr, old.lr * factor)
+    return {"suggestion": float(suggestion), "replaced_lr": stage.lr, "method": method,
+            "on_features": on_features, "later_stages": scaled}

@@ -42,13 +42,17 @@ class ClassifierModule(L.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer], backbone_name: str,
                  input_config: dict[str, Any], model_kwargs: dict[str, Any] | None = None,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
-                 channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False) -> None:
+                 channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False,
+                 mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "stages"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "stages", "mixup"])
         self.model = model
         self.class_names = list(class_names)
         self.stages = list(stages)
         self.optimizer_factory = optimizer
+        # timm's Mixup (or any callable (images, labels) -> (images, soft targets)), training batches only.
+        self.mixup = mixup
         self.channels_last = channels_last
         self.coarse_blocks = coarse_blocks
         self.stage_index = 0
@@ -115,9 +119,31 @@ class ClassifierModule(L.LightningModule):
                                label_smoothing=self.hparams.label_smoothing)
         return loss, logits.softmax(dim=-1), labels
 
+    def _mixed_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training loss on mixed images against mixed soft targets (timm's Mixup smooths them).
+
+        timm mixes a batch with itself reversed and needs an even size: an odd last image is trained
+        on unmixed, with the same smoothing.
+        """
+        images, labels = batch
+        even = len(images) - len(images) % 2
+        if even == 0:
+            return self._step(batch)
+        mixed, targets = self.mixup(images[:even], labels[:even])
+        if even < len(images):
+            smoothing = float(getattr(self.mixup, "label_smoothing", 0.0))
+            tail = F.one_hot(labels[even:], targets.shape[1]).to(targets.dtype)
+            tail = tail * (1.0 - smoothing) + smoothing / targets.shape[1]
+            mixed, targets = torch.cat([mixed, images[even:]]), torch.cat([targets, tail])
+        logits = self(mixed)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weights)
+        return loss, logits.softmax(dim=-1), labels
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, probs, labels = self._step(batch)
-        self.train_acc(probs, labels)
+        # Mixup blends images, so it applies to image batches, not to cached pooled features.
+        mixing = self.mixup is not None and not self.features_cached
+        loss, probs, labels = self._mixed_step(batch) if mixing else self._step(batch)
+        self.train_acc(probs, labels)  # against the first image's label when mixing
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

@@ -10,7 +10,7 @@ import logging
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -25,6 +25,7 @@ from transfer.callbacks import ContinueLogSteps, EpochSummary, ReplicaCheck, log
 from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.data.balance import check_split_classes, class_weights_for
 from transfer.data.datamodule import ImageDataModule
+from transfer.data.resolution import size_for_images
 from transfer.data.scan import check_images
 from transfer.data.sources import ImageTable, subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
@@ -100,14 +101,19 @@ def write_config(path: Path, cfg: DictConfig) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
-def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
-                 stages: list[Stage]) -> tuple[ClassifierModule, dict[str, Any]]:
+def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stages: list[Stage],
+                 image_paths: Sequence[str] = ()) -> tuple[ClassifierModule, dict[str, Any]]:
     model = instantiate(cfg.backbone, num_classes=num_classes)
     # Precedence: the user's input.* > the dataset's hints (data.input.*) > the backbone's config.
     dataset_hints = OmegaConf.to_container(cfg.data.get("input") or OmegaConf.create({}))
     user = OmegaConf.to_container(cfg.get("input") or OmegaConf.create({}))
     hints = {**dataset_hints, **{k: v for k, v in user.items() if v is not None}}
-    input_config = resolve_input(model, hints)
+    auto_size = hints.get("size") == "auto"
+    input_config = resolve_input(model, {k: v for k, v in hints.items() if not (k == "size" and auto_size)})
+    if auto_size:
+        if not image_paths:
+            raise TransferError("input.size=auto needs the images to measure; pass an explicit size.")
+        input_config["size"] = size_for_images(model, image_paths, input_config["size"], input_config["crop_pct"])
     # What timm.create_model needs besides name and classes, recorded so a checkpoint rebuilds alone.
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
                     if k not in ("_target_", "name", "pretrained", "weights")}
@@ -115,7 +121,8 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str],
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
         backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs,
         label_smoothing=cfg.get("label_smoothing", 0.0), channels_last=cfg.get("channels_last", False),
-        coarse_blocks=cfg.get("coarse_blocks", True), compile_model=cfg.get("compile", False))
+        coarse_blocks=cfg.get("coarse_blocks", True), compile_model=cfg.get("compile", False),
+        mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None)
     return module, input_config
 
 
@@ -236,14 +243,18 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     run_dir, stage = Path(cfg.paths.output_dir), module.stages[index]
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
     cached = uses_feature_cache(cfg, stage)
+    searching = index == 0 and resume is None and cfg.get("lr_find", {}).get("enabled")
+    # Head-only stages search their lr on cached features; a cached stage then trains on the same ones.
+    features = (FeatureDataModule(datamodule, module.model, module.channels_last)
+                if cached or (searching and cfg.lr_find.get("on_features", True)) else None)
+    lr_search = None
+    if searching:
+        lr_search = find_stage_lr(cfg, module, datamodule, index, run_dir, features)
+        stage = module.stages[index]
     trainable = module.set_stage(index, features_cached=cached)
     log.info("Stage %d/%d '%s': %s%s", index + 1, len(module.stages), stage.name, trainable.describe(),
              ", on cached backbone features" if cached else "")
-    data = FeatureDataModule(datamodule, module.model, module.channels_last) if cached else datamodule
-    lr_search = None
-    if index == 0 and resume is None and cfg.get("lr_find", {}).get("enabled"):
-        lr_search = find_stage_lr(cfg, module, data, index, run_dir)
-        stage = module.stages[index]
+    data = features if cached else datamodule
     best = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
                            monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
     # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
@@ -324,7 +335,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     skipped: list = []
     if cfg.get("image_check", True):
         table, skipped = check_images(table, cfg.get("bad_images", "error"), run_dir / "bad_images.csv")
-    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages)
+    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages, table.paths)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
     datamodule = build_datamodule(cfg, table, input_config)
