@@ -1,7 +1,7 @@
 """``evaluate.py``: a trained checkpoint on a split of a dataset, with a report people can read.
 
-By default the data is the training run's own (its ``config.yaml`` next to ``checkpoints/``),
-split with its seed, so ``split=test`` is exactly the images the run was tested on.
+By default the images are the training run's own (its ``split.csv`` next to ``checkpoints/``), so
+``split=test`` is exactly the images the run was tested on.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1
 from transfer.cli import pick_device
 from transfer.csv_files import write_csv
 from transfer.data.datamodule import ImageDataset
+from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to
 from transfer.data.sources import ImageTable, subsample
 from transfer.data.splits import split_indices
 from transfer.errors import TransferError
@@ -40,14 +41,28 @@ def training_config(ckpt: str) -> DictConfig | None:
 
 
 def evaluation_images(cfg: DictConfig, split: str) -> tuple[ImageTable, np.ndarray, str]:
-    """The table, the indices of ``split`` and where the data config came from."""
+    """The table, the indices of ``split`` and where they came from.
+
+    Without ``data=...``: the run's own ``split.csv`` (exactly the images it used, each checked
+    unchanged), or for runs without one the run's data config split again with its seed.
+    With ``data=...``: that dataset, split with ``seed`` (or the run's).
+    """
     if split not in SPLITS:
         raise TransferError(f"split={split} is not one of {list(SPLITS)}.")
+    manifest = manifest_next_to(cfg.ckpt)
+    if cfg.get("data") is None and manifest is not None:
+        if cfg.get("seed") is not None:
+            raise TransferError(f"seed={cfg.seed} splits a dataset given with data=...; without it the run's "
+                                f"own split is used ({manifest}).")
+        table = load_manifest(manifest, splits=None if split == "all" else [split])
+        return table, np.arange(len(table.paths)), f"the training run's {manifest.name}"
     run_cfg = training_config(cfg.ckpt)
     if cfg.get("data") is not None:
         data, origin = cfg.data, "the data= given"
     elif run_cfg is not None:
-        data, origin = run_cfg.data, "the training run's config.yaml"
+        data, origin = run_cfg.data, "the training run's config.yaml (no split.csv: split again with its seed)"
+        log.warning("No %s next to %s: splitting its data again with the run's seed. Images added, removed "
+                    "or skipped since the run change what this split holds.", MANIFEST, cfg.ckpt)
     else:
         raise TransferError(f"No config.yaml next to '{cfg.ckpt}' to take the data from; pass data=... "
                             "(e.g. data=folder data.root=PATH split=all).")

@@ -14,6 +14,7 @@ from transfer.cli import pick_device
 from transfer.csv_files import write_csv
 from transfer.data.files import find_images
 from transfer.data.images import load_rgb
+from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to
 from transfer.errors import ImageReadError, TransferError
 from transfer.inference import Classifier, load_classifier
 from transfer.saliency import explain, overlay
@@ -51,6 +52,19 @@ def target_index(classifier: Classifier, target: str | None) -> int | None:
     return classifier.class_names.index(target)
 
 
+def images_to_explain(cfg: DictConfig) -> list[Path]:
+    """``inputs`` (files, a folder or a glob), or ``split``: that split of the training run's split.csv."""
+    if (cfg.get("inputs") is None) == (cfg.get("split") is None):
+        raise TransferError("Pass one of inputs=FOLDER|FILE|'GLOB' or split=train|val|test (the run's own images).")
+    if cfg.get("inputs") is not None:
+        return find_images(str(cfg.inputs))
+    manifest = manifest_next_to(cfg.ckpt)
+    if manifest is None:
+        raise TransferError(f"split={cfg.split} needs the run's {MANIFEST} next to '{cfg.ckpt}' "
+                            "(runs write it); pass inputs=... instead.")
+    return [Path(p) for p in load_manifest(manifest, splits=[cfg.split]).paths]
+
+
 def explain_files(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +72,7 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
     methods = list(cfg.methods)
     target = target_index(classifier, cfg.get("target"))
     rows, unreadable = [], []
-    for index, path in enumerate(find_images(str(cfg.inputs))[: cfg.max_images]):
+    for index, path in enumerate(images_to_explain(cfg)[: cfg.max_images]):
         try:
             image = classifier.preprocess(load_rgb(path)).to(classifier.device)
         except ImageReadError as error:

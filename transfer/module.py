@@ -62,6 +62,8 @@ class ClassifierModule(L.LightningModule):
         self.stage_bests: list[dict[str, Any]] = []
         # Flips and turns the training augmentation applies (`transfer.symmetries`), for tta=auto.
         self.symmetries: list[str] = []
+        # The settings that make the run what it is (`transfer.resume.run_shape`), checked on resume.
+        self.run_shape: dict[str, Any] = {}
         num_classes = len(self.class_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = classification_metrics(num_classes, "val/")
@@ -183,6 +185,7 @@ class ClassifierModule(L.LightningModule):
             "model_kwargs": dict(self.hparams.model_kwargs or {}),  # timm.create_model arguments
             "input_config": self.hparams.input_config,
             "symmetries": self.symmetries,
+            "run_shape": self.run_shape,
         }
 
     def _current_best(self) -> dict[str, Any] | None:

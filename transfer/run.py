@@ -25,6 +25,7 @@ from transfer.callbacks import ContinueLogSteps, EpochSummary, ReplicaCheck, log
 from transfer.checkpoint_io import AtomicCheckpointIO
 from transfer.data.balance import check_split_classes, class_weights_for
 from transfer.data.datamodule import ImageDataModule
+from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to, write_manifest
 from transfer.data.resolution import size_for_images
 from transfer.data.scan import check_images
 from transfer.data.sources import ImageTable, subsample
@@ -35,6 +36,7 @@ from transfer.freezing import set_trainable
 from transfer.lr_find import find_stage_lr
 from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
+from transfer.resume import check_same_run, resume_point, run_shape
 from transfer.schedule import Stage, parse_stages
 from transfer.symmetries import symmetries_of
 
@@ -49,20 +51,6 @@ def check_fresh_run_dir(run_dir: Path) -> None:
     if used and rank_zero_only.rank == 0:
         raise TransferError(f"'{run_dir}' already holds a run ({used[0].name} exists); a new run "
                             "needs a new directory. Remove the hydra.run.dir override or pick another.")
-
-
-def resume_point(ckpt_path: str | None) -> tuple[int, dict[str, Any]]:
-    """The stage a checkpoint was written in and its schedule state; (0, {}) without one."""
-    if not ckpt_path:
-        return 0, {}
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise TransferError(f"Checkpoint '{path}' does not exist; pass ckpt_path=PATH to a .ckpt "
-                            "file from a run's checkpoints/ folder (last.ckpt resumes where it stopped).")
-    state = torch.load(path, map_location="cpu", weights_only=True).get("transfer")
-    if state is None:
-        raise TransferError(f"'{path}' was not written by transfer (no schedule state in it).")
-    return int(state["stage_index"]), state
 
 
 def summarize_stages(module: ClassifierModule) -> list[str]:
@@ -132,6 +120,24 @@ def instantiate_named(cfg: DictConfig, key: str) -> list[Any]:
     return [instantiate(node) for node in (cfg.get(key) or {}).values() if node is not None]
 
 
+def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path) -> tuple[ImageTable, list]:
+    """The images of this run: the dataset's, after the image check; when resuming, exactly the first
+    run's (its split.csv, every file checked unchanged), whatever the folder holds now."""
+    manifest = manifest_next_to(cfg.ckpt_path) if resumed else None
+    if manifest is not None:
+        log.info("Resuming on the images and split of %s", manifest)
+        return load_manifest(manifest, class_names=resumed["class_names"]), []
+    table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
+    if not cfg.get("image_check", True):
+        return table, []
+    return check_images(table, cfg.get("bad_images", "error"), run_dir / "bad_images.csv")
+
+
+@rank_zero_only
+def write_split(path: Path, table: ImageTable, splits: dict[str, Any]) -> None:
+    write_manifest(path, table, splits)
+
+
 def is_dry_run(cfg: DictConfig) -> bool:
     """``trainer.fast_dev_run``: Lightning runs a batch or two and saves no checkpoint."""
     return bool(cfg.trainer.get("fast_dev_run"))
@@ -139,11 +145,14 @@ def is_dry_run(cfg: DictConfig) -> bool:
 
 def build_datamodule(cfg: DictConfig, table: ImageTable, input_config: dict[str, Any]) -> ImageDataModule:
     augmentations = instantiate(cfg.augment.train) if cfg.augment.get("train") else None
+    # A table read back from a run's split.csv has every row's split already: nothing is carved.
+    from_manifest = "manifest" in table.extra
     datamodule = ImageDataModule(
         table, train_transform(augmentations, input_config), eval_transform(input_config),
         input_size=input_config["size"], batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers,
-        test_fraction=cfg.data.test_fraction, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+        test_fraction=0.0 if from_manifest else cfg.data.test_fraction,
+        val_fraction=0.0 if from_manifest else cfg.data.val_fraction, seed=cfg.seed,
         pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu")
     datamodule.check_transforms()
     return datamodule
@@ -331,14 +340,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     stages = parse_stages(cfg.schedule.stages)
     check_feature_cache(cfg, stages)
-    table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    skipped: list = []
-    if cfg.get("image_check", True):
-        table, skipped = check_images(table, cfg.get("bad_images", "error"), run_dir / "bad_images.csv")
+    start, resumed = resume_point(cfg.get("ckpt_path"))
+    table, skipped = run_images(cfg, resumed, run_dir)
     module, input_config = build_module(cfg, table.num_classes, table.class_names, stages, table.paths)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
+    module.run_shape = run_shape(cfg)
+    if resumed:
+        allowed = check_same_run(resumed, module.run_shape, bool(cfg.get("resume_allow_changes")))
+        for line in allowed:
+            log.warning("Resuming with a changed setting (resume_allow_changes=true): %s", line)
     datamodule = build_datamodule(cfg, table, input_config)
+    write_split(run_dir / MANIFEST, table, datamodule.splits)
     augment_choice = choose_augment(cfg, module, datamodule, run_dir)
     module.symmetries = symmetries_of(cfg.augment.get("train"))
     budget = plan_budget(cfg, module, datamodule, started)
@@ -350,7 +363,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if weights is not None:
         module.class_weights = torch.tensor(weights, dtype=torch.float32)
 
-    start, resumed = resume_point(cfg.get("ckpt_path"))
     if cfg.get("ckpt_path"):
         log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, module.stages[start].name)
     logger = instantiate_named(cfg, "logger") or False
@@ -368,6 +380,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "dataset": table.name,
         "class_names": table.class_names,
         "split_counts": split_counts,
+        "split_manifest": str(run_dir / MANIFEST),
         "skipped_images": [path for path, _ in skipped],
         "class_weights": weights,
         "input": input_config,
