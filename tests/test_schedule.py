@@ -142,3 +142,30 @@ def test_impossible_schedules_are_explained() -> None:
         parse_stages([{"epochs": 1, "lr": 1e-3, "unfreze": 2}])
     with pytest.raises(ScheduleError):
         parse_stages([])
+
+
+# unfreeze: 1 must train the last feature stage (with the norm timm puts after it) and the head, nothing else.
+LAST_STAGE = {
+    "test_resnet": (("layer4.", "fc."), ["head: fc", "layer4"]),
+    "test_efficientnet": (("blocks.4.", "conv_head.", "bn2.", "classifier."),
+                          ["head: classifier", "blocks.4 + conv_head + bn2"]),
+    # timm groups head.norm with the classifier: a "block" of one LayerNorm unless it joins stages.3.
+    "test_convnext": (("stages.3.", "head.norm.", "head.fc."), ["head: head.fc", "stages.3 + head.norm"]),
+    "test_vit": (("blocks.5.", "norm.", "head."), ["head: head", "blocks.5 + norm"]),
+    # VGG's last stage is its fc6/fc7 MLP (timm's pre_logits), ahead of the new classifier.
+    "vgg11": (("pre_logits.", "head.fc."), ["head: head", "pre_logits"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAST_STAGE))
+def test_unfreezing_one_block_trains_the_last_feature_stage_and_names_it(name: str) -> None:
+    model = timm.create_model(name, pretrained=False, num_classes=3)
+    prefixes, groups = LAST_STAGE[name]
+    trainable = set_trainable(model, 1)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
+    assert list(trainable.groups) == groups
+    head_only = set_trainable(model, 0)
+    assert head_only.groups == (groups[0],) and "head only" in head_only.describe()
+    # A head-only stage leaves the pre-logits norm frozen: the pooled features stay the backbone's.
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("head.norm"))

@@ -43,6 +43,8 @@ def test_the_run_writes_its_split_with_each_files_state(skipped_run) -> None:
     for split in ("train", "val", "test"):
         assert sum(r["split"] == split for r in rows) == sum(counts[split].values())
     assert not any("broken" in r["path"] for r in rows)
+    # Each stage's trainable groups are recorded by name (FAST: head, then head + layer4).
+    assert [s["trainable_groups"] for s in skipped_run["results"]["stages"]] == [["head: fc"], ["head: fc", "layer4"]]
     first = rows[0]
     assert int(first["bytes"]) == os.path.getsize(first["path"]) and first["label"] in ("cat", "dog")
 

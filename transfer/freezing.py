@@ -18,10 +18,24 @@ from transfer.errors import ScheduleError
 from transfer.weights import head_names, is_head_key
 
 
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def is_norm_parameter(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` belongs to a normalisation layer (timm's BatchNormAct2d and LayerNorm2d
+    subclass torch's)."""
+    return isinstance(model.get_submodule(name.rpartition(".")[0]), NORM_TYPES)
+
+
 def backbone_blocks(model: nn.Module, coarse: bool = True) -> list[list[str]]:
     """Parameter names of each backbone block, input side first; the classifier head excluded.
 
-    Models without a ``group_matcher`` fall back to their top-level children, in order.
+    Models without a ``group_matcher`` fall back to their top-level children, in order. A last
+    group made only of normalisation layers (the pre-logits norm timm groups with the classifier:
+    ConvNeXt's ``head.norm``, DenseNet's ``features.norm5``) is not a block of its own: it goes
+    with the last stage, as timm itself groups ViT's final ``norm`` and EfficientNet's ``bn2``. So
+    ``unfreeze: 1`` trains the last feature stage, not one LayerNorm; and a head-only stage keeps
+    that norm frozen, which keeps the backbone's pooled features (and their cache) fixed.
     """
     heads = head_names(model)
     if hasattr(model, "group_matcher"):
@@ -29,8 +43,36 @@ def backbone_blocks(model: nn.Module, coarse: bool = True) -> list[list[str]]:
     else:
         groups = [[f"{child}.{n}" for n, _ in module.named_parameters()]
                   for child, module in model.named_children()]
-    blocks = [[n for n in names if not is_head_key(n, heads)] for names in groups]
-    return [block for block in blocks if block]
+    blocks = [block for block in ([n for n in names if not is_head_key(n, heads)] for names in groups) if block]
+    if len(blocks) > 1 and all(is_norm_parameter(model, name) for name in blocks[-1]):
+        blocks[-2:] = [blocks[-2] + blocks[-1]]
+    return blocks
+
+
+def block_name(model: nn.Module, names: list[str]) -> str:
+    """The fewest modules that hold exactly ``names``, joined by " + " ("layer4", "stages.3 +
+    head.norm", "blocks.6 + conv_head + bn2"): a module replaces its parameters when all of them
+    are in the block, its parent replaces it likewise, up to the model."""
+    wanted = set(names)
+    under: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            under.setdefault(".".join(parts[:depth]), set()).add(name)
+    covered, modules = set(), []
+    for name in names:  # in model order, so the parts read input side first
+        if name in covered:
+            continue
+        parts, best = name.split("."), name
+        for depth in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:depth])
+            if under[prefix] <= wanted:
+                best = prefix
+            else:
+                break
+        modules.append(best)
+        covered |= under.get(best, {best})
+    return " + ".join(modules)
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
@@ -49,6 +91,7 @@ class Trainable:
     total_blocks: int
     trainable_params: int
     frozen_params: int
+    groups: tuple[str, ...] = ()   # what trains, by module: "head: classifier", then each unfrozen block
 
     def describe(self) -> str:
         if self.blocks == 0:
@@ -56,7 +99,7 @@ class Trainable:
         elif self.blocks == self.total_blocks:
             part = "all layers"
         else:
-            part = f"head + last {self.blocks} of {self.total_blocks} blocks"
+            part = f"head + last {self.blocks} of {self.total_blocks} blocks ({', '.join(self.groups[1:])})"
         total = self.trainable_params + self.frozen_params
         return (f"{part}; params total {total:,}, trainable {self.trainable_params:,}, "
                 f"frozen {self.frozen_params:,}")
@@ -78,8 +121,10 @@ def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) ->
     """Train the head plus the last ``unfreeze`` blocks (``"all"``: everything); freeze the rest."""
     blocks = backbone_blocks(model, coarse)
     count = resolve_unfreeze(unfreeze, len(blocks))
-    trainable = set(head_parameter_names(model))
-    for block in blocks[len(blocks) - count:]:
+    head = head_parameter_names(model)
+    trainable = set(head)
+    unfrozen = blocks[len(blocks) - count:]
+    for block in unfrozen:
         trainable.update(block)
     if count == len(blocks):  # parameters outside every group (rare) train with "all"
         trainable.update(n for n, _ in model.named_parameters())
@@ -87,7 +132,8 @@ def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) ->
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
         sizes[name in trainable] += param.numel()
-    return Trainable(count, len(blocks), sizes[True], sizes[False])
+    groups = (f"head: {block_name(model, head)}", *(block_name(model, block) for block in unfrozen))
+    return Trainable(count, len(blocks), sizes[True], sizes[False], groups)
 
 
 def freeze_frozen_modules(model: nn.Module, norm_layers_too: bool = False) -> None:

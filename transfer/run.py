@@ -296,7 +296,8 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
         record = earlier
     module.stage_bests.append(record)
     module.set_stage(index)  # back to images, e.g. for testing
-    return {**vars(stage), "feature_cache": cached, "trainable": trainable.describe(), "trainable_params": trainable.trainable_params,
+    return {**vars(stage), "feature_cache": cached, "trainable": trainable.describe(), "trainable_groups": list(trainable.groups),
+            "trainable_params": trainable.trainable_params,
             "frozen_params": trainable.frozen_params, "best_checkpoint": record["path"],
             f"best_{monitor}": record["score"], "distributed": replicas.report,
             "lr_find": lr_search, "logged_steps": logged_steps(trainer),
