@@ -44,7 +44,39 @@ def runs(tmp_path_factory) -> dict:
     ddp = run(tmp_path, "ddp", f"data.root={images}", "trainer=ddp", "trainer.devices=2", "data.batch_size=4",
               "feature_cache=true")
     single = run(tmp_path, "single", f"data.root={images}", "data.batch_size=8")
-    return {"ddp": ddp, "single": single}
+    return {"ddp": ddp, "single": single, "images": images, "tmp": tmp_path}
+
+
+# BatchNorm that trains (freeze_bn=false) in timm's fused BatchNormAct2d layers (EfficientNet).
+TRAINING_BN = ["backbone.name=test_efficientnet", "schedule.stages.1.freeze_bn=false"]
+
+
+def test_sync_batchnorm_is_refused_on_cpu_with_the_reason(runs) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, f"data.root={runs['images']}",
+                           "trainer=ddp", "trainer.accelerator=cpu", "trainer.sync_batchnorm=true",
+                           f"paths.log_dir={runs['tmp'] / 'refused'}"],
+                          cwd=runs["tmp"], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "CUDA only" in done.stderr + done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm across processes needs 2 GPUs")
+def test_sync_batchnorm_matches_one_process_at_the_same_global_batch(runs) -> None:
+    # With synchronised statistics, 2 processes x 4 images normalise exactly as 1 process x 8 does,
+    # and timm's conversion keeps each layer's activation (torch's would drop it: other outputs).
+    images, tmp_path = runs["images"], runs["tmp"]
+    gpu = ["trainer.accelerator=gpu"]
+    synced, synced_dir = run(tmp_path, "ddp_sync", f"data.root={images}", *TRAINING_BN, *gpu, "trainer=ddp",
+                             "trainer.devices=2", "data.batch_size=4", "trainer.sync_batchnorm=true")
+    single, single_dir = run(tmp_path, "single_bn", f"data.root={images}", *TRAINING_BN, *gpu,
+                             "trainer.devices=1", "data.batch_size=8")
+    synced_weights, single_weights = weights(synced_dir), weights(single_dir)
+    assert synced_weights.keys() == single_weights.keys()
+    moved = [k for k in single_weights if k.endswith("running_mean")
+             and not torch.equal(single_weights[k], weights_at_init(single_dir)[k])]
+    assert moved  # the unfrozen blocks' statistics did train
+    for key in single_weights:
+        torch.testing.assert_close(synced_weights[key], single_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert synced["test"]["acc"] == pytest.approx(single["test"]["acc"], abs=1e-6)
 
 
 def test_replicas_are_bit_identical_after_every_stage(runs) -> None:

@@ -169,3 +169,30 @@ def test_unfreezing_one_block_trains_the_last_feature_stage_and_names_it(name: s
     assert head_only.groups == (groups[0],) and "head only" in head_only.describe()
     # A head-only stage leaves the pre-logits norm frozen: the pooled features stay the backbone's.
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("head.norm"))
+
+
+def test_timm_sync_batchnorm_keeps_the_fused_activations_and_the_outputs() -> None:
+    import copy
+
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    from transfer.sync_batchnorm import TimmSyncBatchNorm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    expected = model(images)
+    untouched = copy.deepcopy(model)
+    plugin = TimmSyncBatchNorm()
+    synced = plugin.apply(model)
+    assert any(isinstance(m, SyncBatchNormAct) for m in synced.modules())
+    assert not any(type(m) is torch.nn.SyncBatchNorm for m in synced.modules())  # none lost its activation
+    torch.testing.assert_close(synced.eval()(images), expected)
+    assert plugin.apply(synced) is synced  # each stage's Trainer applies it again: no second conversion
+    # torch's own conversion (Lightning's default plugin) drops the activations: other outputs.
+    plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(untouched).eval()
+    assert not torch.allclose(plain(images), expected, atol=1e-3)
+    reverted = plugin.revert(synced)
+    assert any(isinstance(m, BatchNormAct2d) for m in reverted.modules())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in reverted.modules())
+    torch.testing.assert_close(reverted.eval()(images), expected)

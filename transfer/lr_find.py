@@ -68,7 +68,7 @@ def find_stage_lr(cfg: DictConfig, module: ClassifierModule, data: L.LightningDa
     settings, method = cfg.lr_find, cfg.lr_find.get("method", "valley")
     # max_epochs only bounds the search (num_training steps end it); the finder replaces the schedule.
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                                     max_epochs=1000, default_root_dir=run_dir)
+                                     max_epochs=1000, default_root_dir=run_dir, sync_batchnorm=False)
     if trainer.world_size > 1:
         raise TransferError("lr_find.enabled=true runs on one device: find the lr with trainer=cpu or "
                             "trainer=gpu, then pass it, e.g. schedule.stages.0.lr=...")

@@ -39,6 +39,7 @@ from transfer.runtime import configure_process
 from transfer.resume import check_same_run, resume_point, run_shape
 from transfer.schedule import Stage, parse_stages
 from transfer.symmetries import symmetries_of
+from transfer.sync_batchnorm import TimmSyncBatchNorm, check_sync_batchnorm
 
 log = logging.getLogger("transfer")
 
@@ -275,9 +276,11 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     # checkpointed with the rest), within its epochs; under a budget also at its time limit.
     plateau = ([EarlyStopping(monitor=monitor, mode=mode, patience=stage.patience)]
                if stage.patience else [])
+    # sync_batchnorm through timm's conversion (`transfer.sync_batchnorm`), not Lightning's torch one.
+    sync = [TimmSyncBatchNorm()] if cfg.trainer.get("sync_batchnorm") else []
     trainer: L.Trainer = instantiate(
-        cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir,
-        plugins=[AtomicCheckpointIO()], max_time=max_seconds and timedelta(seconds=max_seconds),
+        cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir, sync_batchnorm=False,
+        plugins=[AtomicCheckpointIO(), *sync], max_time=max_seconds and timedelta(seconds=max_seconds),
         callbacks=[best, latest, EpochSummary(stage.name), replicas, ContinueLogSteps(log_step),
                    *plateau, *instantiate_named(cfg, "callbacks")])  # fresh per stage
     started = time.perf_counter()
@@ -318,7 +321,9 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
         best = best_checkpoint(module.stage_bests, cfg.monitor.mode)
         log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], cfg.monitor.metric,
                  best["score"], best["stage"])
-    tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=cfg.paths.output_dir)
+    # The test runs in eval mode: no statistics to synchronise, and the model is converted already.
+    tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=cfg.paths.output_dir,
+                                    sync_batchnorm=False)
     tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
     confusion = module.test_confusion.compute().tolist()
     metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in tested.items()}
@@ -341,6 +346,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     stages = parse_stages(cfg.schedule.stages)
     check_feature_cache(cfg, stages)
+    check_sync_batchnorm(cfg.trainer)
     start, resumed = resume_point(cfg.get("ckpt_path"))
     table, skipped = run_images(cfg, resumed, run_dir)
     module, input_config = build_module(cfg, table.num_classes, table.class_names, stages, table.paths)
