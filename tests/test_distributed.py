@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, write_image_folder
+from tests.conftest import ROOT, make_image, write_image_folder
 
 
 # No randomness but the data order: no augmentation, no dropout, BatchNorm frozen in every stage
@@ -39,7 +41,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("ddp")
-    images = write_image_folder(tmp_path / "images", per_class=20)
+    # 18 + 24 images: 30 train, 3 val, 9 test. Odd evaluation splits, so 2 processes get unequal
+    # shares (one is padded): the metrics must still be exactly one process's.
+    images = write_image_folder(tmp_path / "images", per_class=18)
+    rng = np.random.default_rng(1)
+    for index in range(6):
+        make_image(1, 40, rng).save(images / "dog" / f"extra_{index}.png")
     # The DDP run also trains its head stage on cached features: it must still match plain images.
     ddp = run(tmp_path, "ddp", f"data.root={images}", "trainer=ddp", "trainer.devices=2", "data.batch_size=4",
               "feature_cache=true")
@@ -82,6 +89,7 @@ def test_sync_batchnorm_matches_one_process_at_the_same_global_batch(runs) -> No
 def test_replicas_are_bit_identical_after_every_stage(runs) -> None:
     results, _ = runs["ddp"]
     assert results["world_size"] == 2
+    assert [sum(results["split_counts"][s].values()) for s in ("train", "val", "test")] == [30, 3, 9]
     assert [stage["feature_cache"] for stage in results["stages"]] == [True, False]
     for stage in results["stages"]:
         report = stage["distributed"]
@@ -136,3 +144,34 @@ def test_torchrun_recipe_needs_and_uses_one_shared_run_directory(tmp_path: Path)
     assert shared.returncode == 0, shared.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "runs" / "job-1" / "results.json").read_text())
     assert all(stage["distributed"]["identical"] for stage in results["stages"])
+
+
+def test_small_uneven_data_on_two_processes_trains_every_epoch_and_evaluates_each_image_once(tmp_path: Path) -> None:
+    # 37 training, 1 validation and 5 test images on 2 processes, batch 32: each process's share of
+    # training (19) is below the batch size, one process has no validation image of its own, and
+    # BatchNorm trains in a stage whose last epoch has no validation (check_val_every_n_epoch=2).
+    folder = write_image_folder(tmp_path / "images", per_class=22)
+    paths = sorted(folder.rglob("*.png"))
+    splits = ["train"] * 37 + ["val"] + ["test"] * 5
+    order = np.random.default_rng(0).permutation(len(paths))[: len(splits)]
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f"{paths[i]},{paths[i].parent.name},{split}\n" for i, split in zip(order, splits)))
+    results, run_dir = run(tmp_path, "odd", "data=csv", f"data.csv={manifest}", "data.source.split_column=split",
+                           "trainer=ddp", "trainer.devices=2", "data.batch_size=32", "augment=none",
+                           "schedule.stages.1.freeze_bn=false", "schedule.stages.1.epochs=3",
+                           "+trainer.check_val_every_n_epoch=2", "trainer.log_every_n_steps=1")
+    assert [sum(results["split_counts"][s].values()) for s in ("train", "val", "test")] == [37, 1, 5]
+    assert all(stage["distributed"]["identical"] for stage in results["stages"])
+    with open(run_dir / "metrics.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    train_steps = [r for r in rows if r.get("train/loss_step")]
+    assert len(train_steps) == 1 + 3  # one step in each of the 4 epochs: none was empty
+    assert sum(sum(row) for row in results["confusion_matrix"]) == 5  # every test image once, no padding
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={results['best_checkpoint']['path']}",
+         f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["confusion_matrix"] == results["confusion_matrix"]
+    assert evaluated["metrics"]["acc"] == pytest.approx(results["test"]["acc"], abs=1e-6)

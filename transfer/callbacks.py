@@ -71,6 +71,7 @@ class ReplicaCheck(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size < 2:
             return
+        broadcast_buffers(pl_module)
         digests = _all_gather_object(state_digests(pl_module))
         mismatched = sum(len(set(per_tensor)) > 1 for per_tensor in zip(*digests))
         self.report.update({"tensors": len(digests[0]), "mismatched_tensors": mismatched,
@@ -80,6 +81,20 @@ class ReplicaCheck(L.Callback):
                                f"{trainer.world_size} processes after this stage: the replicas diverged.")
         log.info("Replica check: all %d tensors bit-identical on %d processes", len(digests[0]),
                  trainer.world_size)
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) to every process, as DDP does before each forward.
+
+    Between training steps each process updates the statistics of trainable BatchNorm layers from
+    its own batch; DDP makes them equal at the start of the next forward. A stage that ends without
+    one (no validation after its last epoch: ``check_val_every_n_epoch``, ``limit_val_batches=0``)
+    leaves them differing: the checkpoint, the test and the next stage must all use rank 0's.
+    """
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def _all_gather_object(obj):

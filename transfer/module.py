@@ -9,11 +9,12 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transfer.feature_cache import classify_features
 from transfer.freezing import Trainable, freeze_frozen_modules, set_trainable
-from transfer.metrics import classification_metrics
+from transfer.metrics import IGNORE, classification_metrics
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
 
@@ -68,7 +69,10 @@ class ClassifierModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
+        # Evaluation losses as torchmetrics means weighted by real images: a process whose share is
+        # only padding (labels IGNORE) adds nothing, instead of a NaN or an unweighted average.
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
         if channels_last:
@@ -150,17 +154,30 @@ class ClassifierModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
+    def _evaluation_step(self, batch: Any, loss_metric: MeanMetric) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and labels of a batch, its mean loss over real images into the loss metric."""
+        images, labels = batch
+        logits = self(images)
+        real = labels != IGNORE
+        total = F.cross_entropy(logits, labels, weight=self.class_weights, ignore_index=IGNORE,
+                                label_smoothing=self.hparams.label_smoothing, reduction="sum")
+        # cross_entropy's mean divides by the summed class weights of the targets: the same here.
+        weights = self.class_weights[labels[real]] if self.class_weights is not None else real.float()
+        count = weights.sum()
+        loss_metric.update(total / count.clamp(min=1e-12), weight=count)
+        return logits.softmax(dim=-1), labels
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, probs, labels = self._step(batch)
+        probs, labels = self._evaluation_step(batch, self.val_loss)
         self.val_metrics.update(probs, labels)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        loss, probs, labels = self._step(batch)
+        probs, labels = self._evaluation_step(batch, self.test_loss)
         self.test_metrics.update(probs, labels)
         self.test_confusion.update(probs, labels)
-        self.log("test/loss", loss, on_epoch=True, sync_dist=True)
+        self.log("test/loss", self.test_loss, on_epoch=True)
         self.log_dict(self.test_metrics, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:

@@ -13,6 +13,7 @@ from transfer.data.images import load_rgb
 from transfer.data.sources import ImageTable
 from transfer.data.splits import split_indices
 from transfer.errors import DataError
+from transfer.metrics import IGNORE
 
 
 class ImageDataset(Dataset):
@@ -53,11 +54,38 @@ def seed_worker(worker_id: int) -> None:
     seed_transform(torch.utils.data.get_worker_info().dataset, torch.initial_seed())
 
 
+class PaddedForProcesses(Dataset):
+    """An evaluation split padded to a multiple of the number of processes with labels `IGNORE`.
+
+    Every process must run the same evaluation loop (an idle one would leave the others waiting
+    in the epoch-end all-reduce, and 1 validation image on 2 processes leaves one idle): padded
+    copies of the first images give each an equal share, and the loss and metrics skip them, so
+    every real image counts exactly once.
+    """
+
+    def __init__(self, dataset: Dataset, replicas: int) -> None:
+        self.dataset = dataset
+        self.real = len(dataset)  # type: ignore[arg-type]
+        self.length = -(-self.real // replicas) * replicas
+        self.transform = getattr(dataset, "transform", None)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index < self.real:
+            return self.dataset[index]
+        image, label = self.dataset[index % self.real]
+        # Cached features come with tensor labels: keep the type so batches collate.
+        return image, torch.full_like(label, IGNORE) if isinstance(label, torch.Tensor) else IGNORE
+
+
 class EvenlySplit(Sampler[int]):
     """Evaluation indices ``rank, rank + N, ...``: every image exactly once across N processes.
 
-    Unlike DistributedSampler it never pads with repeated images, so metrics gathered across
-    processes (torchmetrics syncs them) equal those of a single process.
+    Unlike DistributedSampler it never repeats a real image (padding, where needed, is
+    `PaddedForProcesses`' ignored copies), so metrics gathered across processes (torchmetrics
+    syncs them) equal those of a single process.
     """
 
     def __init__(self, length: int, replicas: int = 1, rank: int = 0) -> None:
@@ -138,12 +166,18 @@ class ImageDataModule(L.LightningDataModule):
         """A loader with this datamodule's batch sizes and process-aware samplers, for one of its
         splits as images or in another form (`transfer.feature_cache` passes cached features)."""
         workers = self.num_workers if num_workers is None else num_workers
-        seed_transform(dataset, self.seed + 7919 * _processes(trainer)[1])  # used with num_workers=0
+        replicas, rank = _processes(trainer)
+        seed_transform(dataset, self.seed + 7919 * rank)  # used with num_workers=0
+        if not train and replicas > 1 and len(dataset) % replicas:
+            dataset = PaddedForProcesses(dataset, replicas)
+        # Each process gets ceil(n / replicas) training images (DistributedSampler pads): drop the
+        # last partial batch only when that share still holds a full one, or an epoch could be empty.
+        share = -(-len(dataset) // replicas)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=train_sampler(dataset, trainer, self.seed) if train else eval_sampler(dataset, trainer),
-            drop_last=train and len(dataset) > self.batch_size,
+            drop_last=train and share > self.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
