@@ -248,6 +248,34 @@ def test_export_passes_parity_and_predicts_right_outside_the_toolkit(trained, tm
     torch.testing.assert_close(scripted(torch.from_numpy(batch)).softmax(-1), inside, atol=1e-5, rtol=1e-4)
 
 
+def test_timm_loads_the_exported_classifier_and_training_continues_from_it(trained, tmp_path: Path) -> None:
+    import timm
+
+    out = tmp_path / "export"
+    report = export(command_config("export", out, [f"ckpt={trained['ckpt']}", "formats=[timm]"]))
+    assert report["formats"]["timm"]["passed"]
+    config = json.loads((out / "timm" / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["label_names"] == ["cat", "dog"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    # Outside the toolkit: timm alone builds the fine-tuned classifier, with the same logits.
+    model = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    classifier = load_classifier(trained["ckpt"])
+    images = torch.stack([classifier.preprocess(np.asarray(Image.open(p).convert("RGB")))
+                          for p in sorted((trained["images"] / "cat").glob("*.png"))[:6]])
+    with torch.inference_mode():
+        difference = (model(images) - classifier.model(images)).abs().max().item()
+    assert difference <= 1e-5
+    # ... and fine-tuning continues from it: the same classes keep its head.
+    results = train(compose_config([*FAST, "data=folder", f"data.root={trained['images']}", "augment=none",
+                                    f"backbone.weights=local-dir:{out / 'timm'}", "backbone.pretrained=true"],
+                                   tmp_path / "continued"))
+    assert results["stages"][0]["best_val/acc"] >= 0.9  # starts from a trained classifier, not from scratch
+    with pytest.raises(Exception, match="holds a 'test_resnet'"):  # Hydra wraps the TransferError
+        train(compose_config([*FAST, "data=folder", f"data.root={trained['images']}", "backbone.name=test_vit",
+                              f"backbone.weights=local-dir:{out / 'timm'}", "backbone.pretrained=true"],
+                             tmp_path / "wrong"))
+
+
 def test_commands_run_from_the_command_line(trained, tmp_path: Path) -> None:
     for script, extra in (("evaluate.py", []), ("predict.py", [f"inputs={trained['images'] / 'cat'}"])):
         done = subprocess.run([sys.executable, str(ROOT / script), f"ckpt={trained['ckpt']}", *extra,

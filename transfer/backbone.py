@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import logging
+from pathlib import Path
 
 import timm
 import torch.nn as nn
@@ -36,7 +38,8 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
     ``weights`` picks the source when ``pretrained``: ``auto`` (packaged if a package ships
     weights for ``name``, else the hub), ``hub`` (timm's Hugging Face / URL weights,
     cached after the first download), ``packaged`` (weights shipped in a pip package, see
-    `weights.PACKAGED`), or a local file path or http(s) URL. Extra keyword arguments
+    `weights.PACKAGED`), ``local-dir:PATH`` (a folder in timm's format), or a local file path or
+    http(s) URL. Extra keyword arguments
     (drop_rate, drop_path_rate, ...) go to ``timm.create_model``.
     """
     check_model_name(name)
@@ -47,6 +50,8 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
         weights = "packaged" if name in weights_lib.PACKAGED else "hub"
     if weights == "hub":
         return _from_hub(name, num_classes, **model_kwargs)
+    if str(weights).startswith("local-dir:"):
+        return _from_timm_folder(name, num_classes, str(weights), **model_kwargs)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_kwargs)
     if weights == "packaged":
         fresh = weights_lib.load_packaged(model, name)
@@ -55,6 +60,29 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
     else:
         fresh = weights_lib.load_file(model, weights)
     log.info("Backbone %s: weights from %s; new head: %s", name, weights, ", ".join(fresh) or "none")
+    return model
+
+
+def _from_timm_folder(name: str, num_classes: int, source: str, **model_kwargs) -> nn.Module:
+    """A folder in timm's format (``export.py``'s ``timm/``, or a Hub repo downloaded): its own
+    architecture and weights, a new head when the class count differs. Continues fine-tuning a
+    model this toolkit (or anyone) fine-tuned before."""
+    folder = Path(source.removeprefix("local-dir:")).expanduser()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsUnavailableError(f"backbone.weights={source}: no config.json in '{folder}' (timm's "
+                                      "format: config.json + model.safetensors, as export.py writes).")
+    architecture = json.loads(config_path.read_text()).get("architecture")
+    if architecture != name:
+        raise TransferError(f"backbone.weights={source} holds a '{architecture}', not backbone.name={name}: "
+                            f"pass backbone=timm backbone.name={architecture}.")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True, **model_kwargs)
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+        weights_lib.reset_head(model)
+    log.info("Backbone %s: weights from %s (%d classes there; head %s)", name, folder,
+             model.pretrained_cfg.get("num_classes") or 0,
+             "kept" if model.pretrained_cfg.get("num_classes") == num_classes else "new")
     return model
 
 

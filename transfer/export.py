@@ -8,6 +8,7 @@ toolkit can feed the model what it was trained on.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -25,7 +26,7 @@ from transfer.errors import TransferError
 from transfer.inference import Classifier, load_classifier
 
 log = logging.getLogger("transfer")
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "timm")
 
 
 def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
@@ -52,7 +53,8 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
     }
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def export_onnx(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor,
+                path: Path) -> Callable[[np.ndarray], np.ndarray]:
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
@@ -68,7 +70,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Ca
     return lambda images: session.run(None, {"image": images})[0]
 
 
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def export_torchscript(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
     with warnings.catch_warnings():  # deprecated in favour of torch.export, still what LibTorch loads
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.trace(model, example).save(str(path))
@@ -76,7 +78,28 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
     return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
 
 
-EXPORTERS = {"onnx": (export_onnx, "model.onnx"), "torchscript": (export_torchscript, "model.torchscript.pt")}
+def export_timm(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor,
+                path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """timm's own format (timm's ``save_for_hf``): ``model.safetensors`` and ``config.json`` with the
+    architecture, model arguments, class names and preprocessing, so that
+    ``timm.create_model("local-dir:PATH", pretrained=True)`` builds this classifier, and
+    ``huggingface_hub.upload_folder`` (or ``timm.models.push_to_hf_hub``) publishes it."""
+    import timm
+    from timm.models import save_for_hf
+
+    config = classifier.input_config
+    data_config = {"input_size": (3, *config["size"]), "mean": tuple(config["mean"]), "std": tuple(config["std"]),
+                   "crop_pct": config["crop_pct"], "interpolation": config["interpolation"]}
+    # safetensors stores contiguous tensors: a channels_last model is saved in the default layout.
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    save_for_hf(plain, str(path), model_config={"label_names": list(classifier.class_names)},
+                safe_serialization=True, data_config=data_config)
+    loaded = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
+
+
+EXPORTERS = {"onnx": (export_onnx, "model.onnx"), "torchscript": (export_torchscript, "model.torchscript.pt"),
+             "timm": (export_timm, "timm")}
 
 
 def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor, list[str]]:
@@ -108,7 +131,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "preprocessing.json").write_text(json.dumps(preprocessing_spec(classifier), indent=2))
     for name in cfg.formats:
         exporter, filename = EXPORTERS[name]
-        runner = exporter(model, images[:2], out_dir / filename)
+        runner = exporter(model, classifier, images[:2], out_dir / filename)
         difference = float(np.abs(runner(images.numpy()) - expected).max())
         report["formats"][name] = {"file": filename, "max_abs_diff": difference,
                                    "passed": difference <= cfg.tolerance}
