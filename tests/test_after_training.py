@@ -248,6 +248,29 @@ def test_export_passes_parity_and_predicts_right_outside_the_toolkit(trained, tm
     torch.testing.assert_close(scripted(torch.from_numpy(batch)).softmax(-1), inside, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_int8_export_is_quantized_and_compared_with_fp32_on_the_test_split(trained, tmp_path: Path, mode: str) -> None:
+    import onnx
+    import onnxruntime
+
+    out = tmp_path / mode
+    report = export(command_config("export", out, [f"ckpt={trained['ckpt']}", "formats=[onnx]", f"quantize={mode}",
+                                                   "calibration_images=16"]))["quantization"]
+    assert report["mode"] == ("static" if mode == "int8" else "dynamic")
+    assert report["calibration_images"] == (16 if mode == "int8" else 0)
+    assert report["images"] == sum(trained["results"]["split_counts"]["test"].values())
+    assert report["fp32_acc"] == pytest.approx(trained["results"]["test"]["acc"], abs=1e-6)
+    assert report["acc_delta"] == pytest.approx(report["int8_acc"] - report["fp32_acc"])
+    assert 0.0 <= report["agreement"] <= 1.0
+    ops = {node.op_type for node in onnx.load(str(out / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} & ops or {"DynamicQuantizeLinear", "MatMulInteger"} & ops, ops
+    if mode == "int8":  # weights stored as 8-bit: a much smaller file
+        assert report["int8_bytes"] < report["fp32_bytes"] / 2.5
+    session = onnxruntime.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 2)
+    assert json.loads((out / "quantization.json").read_text()) == report
+
+
 def test_timm_loads_the_exported_classifier_and_training_continues_from_it(trained, tmp_path: Path) -> None:
     import timm
 

@@ -58,3 +58,22 @@ def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) 
                       for seed in (42, 43))]
     for run in runs:
         assert (tmp_path / "panel" / "runs" / run / "results.json").is_file()
+
+
+def test_int8_benchmark_prints_each_runtime_with_speed_and_accuracy(tmp_path) -> None:
+    from tests.conftest import FAST, compose_config, write_image_folder
+    from transfer.run import train
+
+    images = write_image_folder(tmp_path / "images", per_class=12)
+    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp_path / "run"))
+    done = subprocess.run([sys.executable, "benchmarks/int8.py", "--ckpt", results["best_checkpoint"]["path"],
+                           "--out", str(tmp_path / "int8"), "--repeats", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line and "runtime" not in line}
+    assert set(rows) == {"PyTorch eager (fp32)", "ONNX Runtime fp32", "ONNX Runtime INT8 (static)"}
+    for row in rows.values():
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert float(cells[0]) > 0 and float(cells[1]) > 0 and cells[3].endswith("%")
+    assert "INT8 - fp32 test accuracy" in done.stdout

@@ -115,6 +115,43 @@ def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor
     return torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]), paths
 
 
+def split_images(cfg: DictConfig, classifier: Classifier, split: str, count: int | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images of the training run's ``split`` (at most ``count``, a seeded sample) and
+    their labels in the model's class order."""
+    from transfer.evaluate import evaluation_images
+    from transfer.inference import label_indices
+
+    table, indices, _ = evaluation_images(cfg, split)
+    if count is not None and len(indices) > count:
+        indices = np.sort(np.random.default_rng(0).choice(indices, size=count, replace=False))
+    to_model = label_indices(table.class_names, classifier.class_names)
+    images = np.stack([classifier.preprocess(load_rgb(table.paths[i])).numpy() for i in indices])
+    return images, to_model[table.labels[indices]]
+
+
+def quantize_export(cfg: DictConfig, classifier: Classifier, out_dir: Path) -> dict[str, Any]:
+    """``quantize=int8``: model.int8.onnx from model.onnx, calibrated on training images, compared
+    with fp32 on the whole test split (`transfer.quantize`); written to quantization.json."""
+    from transfer.quantize import compare_on_images, quantize_onnx
+
+    if "onnx" not in cfg.formats:
+        raise TransferError("quantize=... quantizes the ONNX model: keep onnx in formats.")
+    calibration = None
+    if cfg.quantize == "int8":
+        calibration, _ = split_images(cfg, classifier, "train", cfg.calibration_images)
+    int8_path = out_dir / "model.int8.onnx"
+    mode = quantize_onnx(out_dir / "model.onnx", int8_path, cfg.quantize, calibration)
+    test_images, test_labels = split_images(cfg, classifier, "test")
+    report = {"mode": mode, "calibration_images": 0 if calibration is None else len(calibration),
+              **compare_on_images(out_dir / "model.onnx", int8_path, test_images, test_labels)}
+    (out_dir / "quantization.json").write_text(json.dumps(report, indent=2))
+    log.info("INT8 (%s): %s, test accuracy %.4f vs fp32 %.4f (delta %+.4f, agreement %.4f), %.1f MB vs %.1f MB",
+             mode, int8_path, report["int8_acc"], report["fp32_acc"], report["acc_delta"], report["agreement"],
+             report["int8_bytes"] / 1e6, report["fp32_bytes"] / 1e6)
+    return report
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +174,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                                    "passed": difference <= cfg.tolerance}
         log.info("%s: %s, max |logit difference| on %d real images = %.2e (tolerance %.0e)", name,
                  out_dir / filename, len(paths), difference, cfg.tolerance)
+    if cfg.get("quantize"):
+        report["quantization"] = quantize_export(cfg, classifier, out_dir)
     (out_dir / "parity.json").write_text(json.dumps(report, indent=2))
     failed = [name for name, result in report["formats"].items() if not result["passed"]]
     if failed:
