@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from transfer.cli import run_command
-from transfer.extras import install_hint, missing_extras
+from transfer.extras import importable, install_hint, missing_extras
 
 CONFIG_PATH = "pkg://transfer.conf"
 
@@ -30,13 +30,17 @@ def job_from(path: str) -> Callable[[DictConfig], Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def command(config_name: str, job_path: str, answer: Callable[[Any], Any] = lambda _: None) -> Callable[[], Any]:
+def command(config_name: str, job_path: str, answer: Callable[[Any], Any] = lambda _: None,
+            needs: tuple[str, str] | None = None) -> Callable[[], Any]:
+    """A console command; ``needs`` = (module, extra) the command cannot run without."""
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def main(cfg: DictConfig) -> Any:
         return answer(run_command(job_from(job_path), cfg))
 
     def run() -> Any:
         missing = missing_extras(sys.argv[1:])
+        if needs is not None and not importable(needs[0]) and needs[1] not in missing:
+            missing.append(needs[1])
         if missing:
             sys.exit(install_hint(missing))  # before Hydra, whose own message leaves the fix unsaid
         return main()
@@ -55,3 +59,4 @@ evaluate = command("evaluate", "transfer.evaluate.evaluate")
 predict = command("predict", "transfer.predict.predict")
 explain = command("explain", "transfer.explain.explain_files")
 export = command("export", "transfer.export.export")
+serve = command("serve", "transfer.serve.serve", needs=("litserve", "serve"))

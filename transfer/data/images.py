@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
     Raises:
         ImageReadError: naming the file, so a worker never dies on an anonymous decode error.
     """
+    return _decode(path, str(path))
+
+
+def rgb_from_bytes(data: bytes, name: str = "upload") -> np.ndarray:
+    """`load_rgb` for an image held in memory (an upload), ``name`` naming it in errors."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: str | Path | io.BytesIO, name: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image = ImageOps.exif_transpose(image)
             return np.asarray(to_rgb(image))
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise ImageReadError(
-            f"Cannot read image '{path}': {type(error).__name__}: {error}. Remove or replace the "
+            f"Cannot read image '{name}': {type(error).__name__}: {error}. Remove or replace the "
             "file, or re-encode it (e.g. with Pillow or ImageMagick)."
         ) from error
