@@ -77,3 +77,24 @@ def test_int8_benchmark_prints_each_runtime_with_speed_and_accuracy(tmp_path) ->
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert float(cells[0]) > 0 and float(cells[1]) > 0 and cells[3].endswith("%")
     assert "INT8 - fp32 test accuracy" in done.stdout
+
+
+def test_serve_load_accounts_for_every_request(tmp_path) -> None:
+    pytest.importorskip("litserve")
+    from tests.conftest import FAST, compose_config, write_image_folder
+    from transfer.run import train
+
+    images = write_image_folder(tmp_path / "images", per_class=12)
+    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp_path / "run"))
+    done = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--ckpt", results["best_checkpoint"]["path"],
+                           "--requests", "12", "--clients", "1", "4", "--workdir", str(tmp_path / "load")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line and "batching |" not in line]
+    assert [(r[0].strip(), int(r[1])) for r in rows] == [("on (max_batch_size 8)", 1), ("on (max_batch_size 8)", 4),
+                                                         ("off (max_batch_size 1)", 1), ("off (max_batch_size 1)", 4)]
+    for row in rows:
+        sent, answered, failed = (int(cell) for cell in row[2:5])
+        assert sent == 12 and answered == 12 and failed == 0
+        assert float(row[5]) > 0 and 0 < float(row[6]) <= float(row[7]) <= float(row[8])
