@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import FAST, ROOT, write_image_folder
 
-COMMANDS = ["train", "evaluate", "predict", "explain", "export"]
+COMMANDS = ["train", "evaluate", "predict", "explain", "export", "serve"]
 
 
 @pytest.fixture(scope="module")
