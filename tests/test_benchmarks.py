@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
+
 
 def test_speed_benchmark_prints_every_row_and_the_target_ratios() -> None:
     done = subprocess.run(

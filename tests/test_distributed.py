@@ -14,6 +14,8 @@ import torch
 
 from tests.conftest import ROOT, make_image, write_image_folder
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
+
 
 # No randomness but the data order: no augmentation, no dropout, BatchNorm frozen in every stage
 # (per-process batch statistics would differ from single-process ones by design).

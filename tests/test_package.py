@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import FAST, ROOT, write_image_folder
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
+
 COMMANDS = ["train", "evaluate", "predict", "explain", "export", "serve"]
 
 

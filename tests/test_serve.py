@@ -25,6 +25,8 @@ from tests.conftest import FAST, ROOT, compose_config, write_image_folder
 from transfer.inference import load_classifier
 from transfer.run import train
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
+
 pytest.importorskip("litserve")
 
 

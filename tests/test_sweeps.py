@@ -11,6 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, FAST, ROOT, write_image_folder
+import pytest
+
+pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
 
 def multirun(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:

@@ -62,6 +62,7 @@ def elpv_run(tmp_path: Path, name: str, pretrained: bool) -> dict:
     return train(compose_config(overrides, output_dir=tmp_path / name))
 
 
+@pytest.mark.slow
 def test_pretrained_weights_beat_random_init_on_elpv(tmp_path: Path) -> None:
     """The packaged ImageNet weights are really used: same run, same data, same seed."""
     pretrained = elpv_run(tmp_path, "pretrained", True)["test"]
