@@ -109,8 +109,8 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stag
     module = ClassifierModule(
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
         backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs,
-        label_smoothing=cfg.get("label_smoothing", 0.0), channels_last=cfg.get("channels_last", False),
-        coarse_blocks=cfg.get("coarse_blocks", True), compile_model=cfg.get("compile", False),
+        label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last,
+        coarse_blocks=cfg.coarse_blocks, compile_model=cfg.compile,
         mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None)
     return module, input_config
 
@@ -129,9 +129,9 @@ def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path) -> tuple
         log.info("Resuming on the images and split of %s", manifest)
         return load_manifest(manifest, class_names=resumed["class_names"]), []
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    if not cfg.get("image_check", True):
+    if not cfg.image_check:
         return table, []
-    return check_images(table, cfg.get("bad_images", "error"), run_dir / "bad_images.csv")
+    return check_images(table, cfg.bad_images, run_dir / "bad_images.csv")
 
 
 @rank_zero_only
@@ -253,7 +253,7 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     run_dir, stage = Path(cfg.paths.output_dir), module.stages[index]
     monitor, mode = cfg.monitor.metric, cfg.monitor.mode
     cached = uses_feature_cache(cfg, stage)
-    searching = index == 0 and resume is None and cfg.get("lr_find", {}).get("enabled")
+    searching = index == 0 and resume is None and cfg.lr_find.enabled
     # Head-only stages search their lr on cached features; a cached stage then trains on the same ones.
     features = (FeatureDataModule(datamodule, module.model, module.channels_last)
                 if cached or (searching and cfg.lr_find.get("on_features", True)) else None)
@@ -337,12 +337,12 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit every stage of the schedule, test the best checkpoint and write ``results.json``."""
     started = time.perf_counter()
-    configure_process(cfg.get("malloc_tuning", True))
+    configure_process(cfg.malloc_tuning)
     run_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     stages = parse_stages(cfg.schedule.stages)
     check_feature_cache(cfg, stages)
