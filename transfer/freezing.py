@@ -117,8 +117,9 @@ def resolve_unfreeze(unfreeze: int | str, total_blocks: int) -> int:
     return unfreeze
 
 
-def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) -> Trainable:
-    """Train the head plus the last ``unfreeze`` blocks (``"all"``: everything); freeze the rest."""
+def plan_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) -> tuple[set[str], Trainable]:
+    """The parameter names that train with the head plus the last ``unfreeze`` blocks (``"all"``:
+    everything), and their summary; the model is not changed."""
     blocks = backbone_blocks(model, coarse)
     count = resolve_unfreeze(unfreeze, len(blocks))
     head = head_parameter_names(model)
@@ -130,10 +131,17 @@ def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) ->
         trainable.update(n for n, _ in model.named_parameters())
     sizes = {True: 0, False: 0}
     for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
         sizes[name in trainable] += param.numel()
     groups = (f"head: {block_name(model, head)}", *(block_name(model, block) for block in unfrozen))
-    return Trainable(count, len(blocks), sizes[True], sizes[False], groups)
+    return trainable, Trainable(count, len(blocks), sizes[True], sizes[False], groups)
+
+
+def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) -> Trainable:
+    """Train the head plus the last ``unfreeze`` blocks (``"all"``: everything); freeze the rest."""
+    trainable, summary = plan_trainable(model, unfreeze, coarse)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return summary
 
 
 def freeze_frozen_modules(model: nn.Module, norm_layers_too: bool = False) -> None:

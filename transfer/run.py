@@ -32,7 +32,7 @@ from transfer.data.sources import ImageTable, subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
 from transfer.errors import TransferError
 from transfer.feature_cache import FeatureDataModule
-from transfer.freezing import set_trainable
+from transfer.freezing import plan_trainable
 from transfer.lr_find import find_stage_lr
 from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
@@ -55,13 +55,12 @@ def check_fresh_run_dir(run_dir: Path) -> None:
 
 
 def summarize_stages(module: ClassifierModule) -> list[str]:
-    """What each stage trains (it applies each stage's freezing, then leaves stage 0 applied)."""
+    """What each stage trains, for the log; the model is left as it is."""
     lines = []
     for index, stage in enumerate(module.stages):
-        trainable = set_trainable(module.model, stage.unfreeze, module.coarse_blocks)
+        _, trainable = plan_trainable(module.model, stage.unfreeze, module.coarse_blocks)
         lines.append(f"  stage {index + 1} '{stage.name}': {stage.epochs} epoch(s) at lr {stage.lr:g}, "
                      f"{trainable.describe()}")
-    module.set_stage(0)
     return lines
 
 
