@@ -7,14 +7,16 @@ config folder with ``--config-dir``) and hands it to its job.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from transfer.cli import run_command
+from transfer.errors import user_error_in
 from transfer.extras import importable, install_hint, missing_extras
+from transfer.runtime import release_process_group
 
 CONFIG_PATH = "pkg://transfer.conf"
 
@@ -22,6 +24,20 @@ CONFIG_PATH = "pkg://transfer.conf"
 # monitored metric is judged (max -> maximize), so a val/loss monitor cannot be maximised by mistake.
 OmegaConf.register_new_resolver(
     "optuna_direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode], replace=True)
+
+
+def run_command(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a command's job: a user's mistake gets its one paragraph (no traceback), a bug its traceback."""
+    try:
+        answer = job(cfg)
+    except Exception as error:
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        logging.getLogger("transfer").error("%s", user_error)
+        sys.exit(1)
+    release_process_group()
+    return answer
 
 
 def job_from(path: str) -> Callable[[DictConfig], Any]:

@@ -19,14 +19,13 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision,
                                          MulticlassRecall)
 
-from transfer.cli import pick_device
-from transfer.csv_files import write_csv
+from transfer.reports import write_csv
 from transfer.data.datamodule import ImageDataset
 from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to
 from transfer.data.sources import ImageTable, subsample
 from transfer.data.splits import split_indices
 from transfer.errors import TransferError
-from transfer.inference import Classifier, label_indices, load_classifier
+from transfer.inference import Classifier, label_indices, load_classifier, pick_device
 from transfer.metrics import classification_metrics
 from transfer.reports import confusion_figure, gallery_figure
 

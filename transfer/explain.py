@@ -10,13 +10,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from transfer.cli import pick_device
-from transfer.csv_files import write_csv
+from transfer.reports import write_csv
 from transfer.data.files import find_images
 from transfer.data.images import load_rgb
 from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to
 from transfer.errors import ImageReadError, TransferError
-from transfer.inference import Classifier, load_classifier
+from transfer.inference import Classifier, load_classifier, pick_device
 from transfer.saliency import explain, overlay
 
 log = logging.getLogger("transfer")

@@ -100,3 +100,10 @@ def label_indices(class_names: Sequence[str], model_classes: Sequence[str]) -> n
         raise TransferError(f"The data has classes {unknown} that the model was not trained on; it knows "
                             f"{list(model_classes)}. Evaluate on data with the model's classes.")
     return np.array([list(model_classes).index(name) for name in class_names], dtype=np.int64)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the first GPU if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -12,10 +12,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from transfer.cli import pick_device
-from transfer.csv_files import write_csv
+from transfer.reports import write_csv
 from transfer.data.files import FileDataset, find_images, readable_batch
-from transfer.inference import Classifier, load_classifier
+from transfer.inference import Classifier, load_classifier, pick_device
 
 log = logging.getLogger("transfer")
 

@@ -1,10 +1,12 @@
-"""Figures for people: a confusion matrix and a gallery of the most confidently wrong images."""
+"""Reports for people: CSV files (bad images, predictions, per-class metrics...), a confusion
+matrix and a gallery of the most confidently wrong images."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import matplotlib
 
@@ -13,6 +15,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transfer.data.images import load_rgb  # noqa: E402
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:

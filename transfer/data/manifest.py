@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from transfer.csv_files import write_csv
+from transfer.reports import write_csv
 from transfer.data.sources import ImageTable
 from transfer.errors import DataError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.csv_files import write_csv
+from transfer.reports import write_csv
 from transfer.data.images import load_rgb
 from transfer.data.sources import ImageTable
 from transfer.errors import DataError, ImageReadError
