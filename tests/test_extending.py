@@ -77,3 +77,48 @@ def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(
     assert [t["_target_"] for t in config.augment.train] == ["albumentations.Resize", "albumentations.Rotate"]
     assert config.data.test_fraction == 0.2  # inherited from data/folder.yaml
     assert config.seed == 7
+
+
+MY_MODEL = '''
+import torch.nn as nn
+
+
+class TinyCNN(nn.Module):
+    """Not a timm model: no group_matcher, no forward_features; its own head."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.stage2(self.stage1(self.stem(x)))).flatten(1))
+
+
+def build(num_classes, **ignored):
+    return TinyCNN(num_classes)
+
+
+def split(model):
+    """fastai's splitter: groups input side first, the head last."""
+    return [model.stem, model.stage1, model.stage2, model.classifier]
+'''
+
+
+def test_a_splitter_gives_a_custom_module_the_freezing_schedule(tmp_path: Path, monkeypatch) -> None:
+    from tests.conftest import FAST, compose_config, write_image_folder
+    from transfer.run import train
+
+    (tmp_path / "my_model.py").write_text(MY_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = write_image_folder(tmp_path / "images", per_class=12)
+    results = train(compose_config([*FAST, "backbone._target_=my_model.build", "backbone.name=tiny_cnn",
+                                    "backbone.splitter={_target_: my_model.split, _partial_: true}",
+                                    "augment=none", "data=folder", f"data.root={images}"], tmp_path / "run"))
+    head, finetune = results["stages"]
+    assert head["trainable_groups"] == ["head: classifier"] and head["trainable_params"] == 32 * 2 + 2
+    assert finetune["trainable_groups"] == ["head: classifier", "stage2"]
+    assert finetune["trainable_params"] == 32 * 2 + 2 + (16 * 9 * 32 + 32) + 2 * 32

@@ -196,3 +196,14 @@ def test_timm_sync_batchnorm_keeps_the_fused_activations_and_the_outputs() -> No
     assert any(isinstance(m, BatchNormAct2d) for m in reverted.modules())
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in reverted.modules())
     torch.testing.assert_close(reverted.eval()(images), expected)
+
+
+def test_a_splitter_must_cover_every_parameter_once() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert [len(b) for b in backbone_blocks(model, splitter=lambda m: [m[0], m[2]])] == [2]
+    with pytest.raises(ScheduleError, match="1 parameter"):
+        set_trainable(model, 1, splitter=lambda m: [[m[0].weight], m[2]])  # m[0].bias in no group
+    with pytest.raises(ScheduleError, match="in several"):
+        set_trainable(model, 1, splitter=lambda m: [m[0], m[0], m[2]])
+    trainable = set_trainable(model, 0, splitter=lambda m: [m[0], ["2.weight", "2.bias"]])
+    assert trainable.groups == ("head: 2",) and not model[0].weight.requires_grad and model[2].weight.requires_grad

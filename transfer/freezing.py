@@ -1,7 +1,8 @@
 """Which parts of a timm model train: the head, the last N blocks, or everything.
 
 Blocks come from timm's own ``group_matcher`` (the ordering timm uses for layer-wise LR decay),
-so "last N blocks" works for any timm model without a table of layer names. Frozen parameters get
+so "last N blocks" works for any timm model without a table of layer names; a model of your own
+can give its groups with a splitter (``backbone.splitter``, as fastai's ``splitter=``). Frozen parameters get
 ``requires_grad=False`` (autograd then builds no graph for the frozen prefix: no gradient and no
 backward compute) and frozen modules stay in eval mode, so BatchNorm statistics and dropout in
 them do not change.
@@ -10,6 +11,7 @@ them do not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 from timm.models import group_parameters
@@ -27,7 +29,32 @@ def is_norm_parameter(model: nn.Module, name: str) -> bool:
     return isinstance(model.get_submodule(name.rpartition(".")[0]), NORM_TYPES)
 
 
-def backbone_blocks(model: nn.Module, coarse: bool = True) -> list[list[str]]:
+# A splitter (fastai's ``splitter=``): model -> its parameter groups, input side first, the head last.
+# Each group is an nn.Module, or an iterable of parameters or of parameter names.
+Splitter = Callable[[nn.Module], Sequence[Any]]
+
+
+def split_groups(model: nn.Module, splitter: Splitter) -> list[list[str]]:
+    """The splitter's groups as parameter names (head last), checked to cover the model exactly once."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups = []
+    for group in splitter(model):
+        if isinstance(group, nn.Module):
+            members = [names[id(p)] for p in group.parameters()]
+        else:
+            members = [item if isinstance(item, str) else names[id(item)] for item in group]
+        groups.append(members)
+    seen = [name for group in groups for name in group]
+    missing = sorted(set(names.values()) - set(seen))
+    if len(groups) < 2 or missing or len(seen) != len(set(seen)):
+        raise ScheduleError(
+            f"backbone.splitter must return at least two groups (the last one the head) that hold every "
+            f"parameter once; got {len(groups)} group(s), {len(missing)} parameter(s) in none "
+            f"({missing[:3]}), {len(seen) - len(set(seen))} in several.")
+    return groups
+
+
+def backbone_blocks(model: nn.Module, coarse: bool = True, splitter: Splitter | None = None) -> list[list[str]]:
     """Parameter names of each backbone block, input side first; the classifier head excluded.
 
     Models without a ``group_matcher`` fall back to their top-level children, in order. A last
@@ -37,6 +64,8 @@ def backbone_blocks(model: nn.Module, coarse: bool = True) -> list[list[str]]:
     ``unfreeze: 1`` trains the last feature stage, not one LayerNorm; and a head-only stage keeps
     that norm frozen, which keeps the backbone's pooled features (and their cache) fixed.
     """
+    if splitter is not None:
+        return split_groups(model, splitter)[:-1]
     heads = head_names(model)
     if hasattr(model, "group_matcher"):
         groups = list(group_parameters(model, model.group_matcher(coarse=coarse)).values())
@@ -75,7 +104,9 @@ def block_name(model: nn.Module, names: list[str]) -> str:
     return " + ".join(modules)
 
 
-def head_parameter_names(model: nn.Module) -> list[str]:
+def head_parameter_names(model: nn.Module, splitter: Splitter | None = None) -> list[str]:
+    if splitter is not None:
+        return split_groups(model, splitter)[-1]
     heads = head_names(model)
     names = [n for n, _ in model.named_parameters() if is_head_key(n, heads)]
     if not names:
@@ -117,12 +148,13 @@ def resolve_unfreeze(unfreeze: int | str, total_blocks: int) -> int:
     return unfreeze
 
 
-def plan_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) -> tuple[set[str], Trainable]:
+def plan_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True,
+                   splitter: Splitter | None = None) -> tuple[set[str], Trainable]:
     """The parameter names that train with the head plus the last ``unfreeze`` blocks (``"all"``:
-    everything), and their summary; the model is not changed."""
-    blocks = backbone_blocks(model, coarse)
+    everything), and their summary; the model is not changed. ``splitter`` replaces timm's groups."""
+    blocks = backbone_blocks(model, coarse, splitter)
     count = resolve_unfreeze(unfreeze, len(blocks))
-    head = head_parameter_names(model)
+    head = head_parameter_names(model, splitter)
     trainable = set(head)
     unfrozen = blocks[len(blocks) - count:]
     for block in unfrozen:
@@ -136,9 +168,10 @@ def plan_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) -
     return trainable, Trainable(count, len(blocks), sizes[True], sizes[False], groups)
 
 
-def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True) -> Trainable:
+def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True,
+                  splitter: Splitter | None = None) -> Trainable:
     """Train the head plus the last ``unfreeze`` blocks (``"all"``: everything); freeze the rest."""
-    trainable, summary = plan_trainable(model, unfreeze, coarse)
+    trainable, summary = plan_trainable(model, unfreeze, coarse, splitter)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     return summary

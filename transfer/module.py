@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transfer.feature_cache import classify_features
-from transfer.freezing import Trainable, freeze_frozen_modules, set_trainable
+from transfer.freezing import Splitter, Trainable, freeze_frozen_modules, set_trainable
 from transfer.metrics import IGNORE, classification_metrics
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
@@ -45,9 +45,9 @@ class ClassifierModule(L.LightningModule):
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
                  channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False,
                  mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 ) -> None:
+                 splitter: Splitter | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "stages", "mixup"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "stages", "mixup", "splitter"])
         self.model = model
         self.class_names = list(class_names)
         self.stages = list(stages)
@@ -56,6 +56,7 @@ class ClassifierModule(L.LightningModule):
         self.mixup = mixup
         self.channels_last = channels_last
         self.coarse_blocks = coarse_blocks
+        self.splitter = splitter  # the model's groups for the schedule, instead of timm's (`transfer.freezing`)
         self.stage_index = 0
         self.trainable: Trainable | None = None
         self.features_cached = False  # this stage's batches hold pooled features, not images
@@ -91,7 +92,7 @@ class ClassifierModule(L.LightningModule):
         """
         self.stage_index = index
         self.features_cached = features_cached
-        self.trainable = set_trainable(self.model, self.stage.unfreeze, self.coarse_blocks)
+        self.trainable = set_trainable(self.model, self.stage.unfreeze, self.coarse_blocks, self.splitter)
         self.train(self.training)
         return self.trainable
 
@@ -105,7 +106,8 @@ class ClassifierModule(L.LightningModule):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.features_cached:
             return classify_features(self.model, inputs)
-        if self.training and self.trainable is not None and self.trainable.blocks == 0:
+        if (self.training and self.trainable is not None and self.trainable.blocks == 0
+                and hasattr(self.model, "forward_features") and self.splitter is None):
             # Head only: the frozen backbone runs without autograd bookkeeping at all.
             with torch.inference_mode():
                 features = self.model.forward_features(inputs)

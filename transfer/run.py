@@ -58,7 +58,7 @@ def summarize_stages(module: ClassifierModule) -> list[str]:
     """What each stage trains, for the log; the model is left as it is."""
     lines = []
     for index, stage in enumerate(module.stages):
-        _, trainable = plan_trainable(module.model, stage.unfreeze, module.coarse_blocks)
+        _, trainable = plan_trainable(module.model, stage.unfreeze, module.coarse_blocks, module.splitter)
         lines.append(f"  stage {index + 1} '{stage.name}': {stage.epochs} epoch(s) at lr {stage.lr:g}, "
                      f"{trainable.describe()}")
     return lines
@@ -91,7 +91,10 @@ def write_config(path: Path, cfg: DictConfig) -> None:
 
 def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stages: list[Stage],
                  image_paths: Sequence[str] = ()) -> tuple[ClassifierModule, dict[str, Any]]:
-    model = instantiate(cfg.backbone, num_classes=num_classes)
+    # backbone.splitter (optional, `_partial_: true`): the model's parameter groups for the schedule.
+    splitter = instantiate(cfg.backbone.splitter) if cfg.backbone.get("splitter") else None
+    backbone = {k: v for k, v in cfg.backbone.items() if k != "splitter"}
+    model = instantiate(OmegaConf.create(backbone), num_classes=num_classes)
     # Precedence: the user's input.* > the dataset's hints (data.input.*) > the backbone's config.
     dataset_hints = OmegaConf.to_container(cfg.data.get("input") or OmegaConf.create({}))
     user = OmegaConf.to_container(cfg.get("input") or OmegaConf.create({}))
@@ -104,13 +107,13 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stag
         input_config["size"] = size_for_images(model, image_paths, input_config["size"], input_config["crop_pct"])
     # What timm.create_model needs besides name and classes, recorded so a checkpoint rebuilds alone.
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
-                    if k not in ("_target_", "name", "pretrained", "weights")}
+                    if k not in ("_target_", "name", "pretrained", "weights", "splitter")}
     module = ClassifierModule(
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
         backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last,
         coarse_blocks=cfg.coarse_blocks, compile_model=cfg.compile,
-        mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None)
+        mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None, splitter=splitter)
     return module, input_config
 
 
