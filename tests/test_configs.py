@@ -59,3 +59,16 @@ def test_schedules_parse(option: str) -> None:
 def test_unknown_group_option_is_rejected() -> None:
     with pytest.raises(Exception, match="backbone"):
         compose_config(["backbone=not_a_backbone"])
+
+
+def test_callbacks_are_chosen_by_name_and_combine() -> None:
+    from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
+
+    from tests.conftest import compose_config
+    from transfer.run import instantiate_named
+
+    assert instantiate_named(compose_config([]), "callbacks") == []
+    chosen = instantiate_named(compose_config(["callbacks=[ema,early_stopping]", "monitor.metric=val/loss",
+                                               "monitor.mode=min"]), "callbacks")
+    assert [type(c) for c in chosen] == [EMAWeightAveraging, EarlyStopping]
+    assert chosen[1].monitor == "val/loss" and chosen[1].mode == "min"  # follows the run's monitor
