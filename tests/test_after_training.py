@@ -299,6 +299,7 @@ def test_timm_loads_the_exported_classifier_and_training_continues_from_it(train
                              tmp_path / "wrong"))
 
 
+@pytest.mark.slow
 def test_commands_run_from_the_command_line(trained, tmp_path: Path) -> None:
     for script, extra in (("evaluate.py", []), ("predict.py", [f"inputs={trained['images'] / 'cat'}"])):
         done = subprocess.run([sys.executable, str(ROOT / script), f"ckpt={trained['ckpt']}", *extra,

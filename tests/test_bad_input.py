@@ -182,6 +182,7 @@ class SlowEpochs(__import__("lightning").Callback):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint_in_a_new_directory(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=16)
     args = [sys.executable, str(ROOT / "train.py"), *FAST, "data=folder", f"data.root={images}",

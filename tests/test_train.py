@@ -76,6 +76,7 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_runs_and_each_run_gets_its_own_directory(image_folder: Path, tmp_path: Path) -> None:
     args = [*HEAD_ONLY, "data=folder", f"data.root={image_folder}"]
     first = run_cli(*args, cwd=tmp_path)
@@ -87,6 +88,7 @@ def test_cli_runs_and_each_run_gets_its_own_directory(image_folder: Path, tmp_pa
     assert "Test:" in (results[0].parent / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_paragraph_without_traceback(tmp_path: Path) -> None:
     done = run_cli("backbone=timm", "backbone.name=resnet_50", cwd=tmp_path)
     assert done.returncode == 1
