@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,7 +58,7 @@ def start_server(ckpt: str, max_batch_size: int, workdir: Path, extra: list[str]
     port = free_port()
     process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"ckpt={ckpt}", f"port={port}",
                                 f"max_batch_size={max_batch_size}", f"hydra.run.dir={workdir}", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -68,8 +70,22 @@ def start_server(ckpt: str, max_batch_size: int, workdir: Path, extra: list[str]
             time.sleep(0.5)
         if process.poll() is not None:
             break
-    process.kill()
+    stop(process)
     sys.exit(f"serve.py did not come up (max_batch_size={max_batch_size}).")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """The server and its LitServe worker processes (a session of their own): Ctrl-C, then SIGKILL."""
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=20)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=20)
 
 
 def load(url: str, bodies: list[bytes], clients: int, requests: int) -> dict[str, float]:
@@ -146,8 +162,7 @@ def main() -> None:
             if args.screenshot is not None and batch == 8:
                 screenshot(url, images[0], args.screenshot)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            stop(process)
 
     print(f"Checkpoint {args.ckpt}; one image per request ({len(images)} test images in turn)\n")
     print("| batching | clients | sent | answered | failed | req/s | p50 ms | p95 ms | p99 ms |")

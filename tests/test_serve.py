@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,9 +60,9 @@ def server(tmp_path_factory):
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "serve.py"), f"ckpt={ckpt}", f"port={port}", "max_body_mb=1",
          "max_image_pixels=1000000", "max_batch_size=4", "batch_timeout=0.05", f"hydra.run.dir={tmp / 'serve'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded CI machine starts LitServe's workers slowly
     while time.time() < deadline:
         try:
             if request(url + "/health")[0] == 200:
@@ -69,17 +70,29 @@ def server(tmp_path_factory):
         except OSError:
             pass
         if process.poll() is not None:
-            pytest.fail(process.stdout.read()[-3000:])
+            output = process.stdout.read()[-3000:]
+            stop(process)
+            pytest.fail(output)
         time.sleep(0.5)
     else:
-        process.kill()
-        pytest.fail("the server did not come up in 120 s")
+        stop(process)
+        pytest.fail("the server did not come up in 300 s")
     yield {"url": url, "ckpt": ckpt, "images": images, "tmp": tmp}
-    process.terminate()
+    stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """The server and its worker processes (its own session): Ctrl-C, then SIGKILL what is left."""
     try:
+        os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=20)
 
 
 def expected_probabilities(ckpt: str, paths: list[Path]) -> torch.Tensor:
