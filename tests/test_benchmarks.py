@@ -25,7 +25,9 @@ def test_speed_benchmark_prints_every_row_and_the_target_ratios() -> None:
                          "partial (unfreeze 1)", "full (unfreeze all)"]
     for row in rows[2:5]:  # toolkit and plain loop measured side by side, with peak memory
         toolkit, plain, ratio, toolkit_mb, plain_mb = (float(v) for v in row.split("|")[2:7])
-        assert toolkit > 0 and plain > 0 and ratio == pytest.approx(toolkit / plain, rel=0.02, abs=0.01)
+        # The table prints img/s with one decimal: allow for that rounding (large on a slow, loaded CPU).
+        rounding = 0.05 / toolkit + 0.05 / plain
+        assert toolkit > 0 and plain > 0 and ratio == pytest.approx(toolkit / plain, rel=0.02 + rounding, abs=0.01)
         assert toolkit_mb > 100 and plain_mb > 100
     for label in ("head only / full", "feature cache / no cache", "fastest stage's consumption"):
         assert re.search(re.escape(label) + r".*: \d+\.\d+x", done.stdout), label
