@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from transfer.serve import stop_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,22 +70,9 @@ def start_server(ckpt: str, max_batch_size: int, workdir: Path, extra: list[str]
             time.sleep(0.5)
         if process.poll() is not None:
             break
-    stop(process)
+    stop_server_process(process)
     sys.exit(f"serve.py did not come up (max_batch_size={max_batch_size}).")
 
-
-def stop(process: subprocess.Popen) -> None:
-    """The server and its LitServe worker processes (a session of their own): Ctrl-C, then SIGKILL."""
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=20)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=20)
 
 
 def load(url: str, bodies: list[bytes], clients: int, requests: int) -> dict[str, float]:
@@ -162,7 +149,7 @@ def main() -> None:
             if args.screenshot is not None and batch == 8:
                 screenshot(url, images[0], args.screenshot)
         finally:
-            stop(process)
+            stop_server_process(process)
 
     print(f"Checkpoint {args.ckpt}; one image per request ({len(images)} test images in turn)\n")
     print("| batching | clients | sent | answered | failed | req/s | p50 ms | p95 ms | p99 ms |")

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from transfer.run import train
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
 pytest.importorskip("litserve")
+from transfer.serve import stop_server_process  # noqa: E402  (imports LitServe)
 
 
 def free_port() -> int:
@@ -71,28 +71,15 @@ def server(tmp_path_factory):
             pass
         if process.poll() is not None:
             output = process.stdout.read()[-3000:]
-            stop(process)
+            stop_server_process(process)
             pytest.fail(output)
         time.sleep(0.5)
     else:
-        stop(process)
+        stop_server_process(process)
         pytest.fail("the server did not come up in 300 s")
     yield {"url": url, "ckpt": ckpt, "images": images, "tmp": tmp}
-    stop(process)
+    stop_server_process(process)
 
-
-def stop(process: subprocess.Popen) -> None:
-    """The server and its worker processes (its own session): Ctrl-C, then SIGKILL what is left."""
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=20)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=20)
 
 
 def expected_probabilities(ckpt: str, paths: list[Path]) -> torch.Tensor:

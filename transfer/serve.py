@@ -275,3 +275,23 @@ def serve(cfg: DictConfig) -> None:
     log.info("Serving %s on http://%s:%d/ (API: POST /predict, POST /explain; GET /info, /health)",
              cfg.ckpt, cfg.host, cfg.port)
     server.run(host=cfg.host, port=cfg.port, generate_client_file=False)
+
+
+def stop_server_process(process: Any) -> None:
+    """Stop a ``serve.py`` started with ``start_new_session=True`` and its LitServe worker processes:
+    Ctrl-C to the whole group (a clean shutdown), then SIGKILL for anything left. ``terminate()``
+    on the main process alone leaves the workers running."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=20)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=20)
