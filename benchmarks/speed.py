@@ -51,7 +51,7 @@ def setup(cfg: Any) -> tuple[Any, Any]:
     from transfer.runtime import configure_process
     from transfer.schedule import parse_stages
 
-    configure_process(cfg.malloc_tuning)
+    configure_process(cfg.runtime.malloc_tuning)
     torch.manual_seed(0)
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
     module, input_config = build_module(cfg, table.num_classes, table.class_names, parse_stages(cfg.schedule.stages))
@@ -209,7 +209,7 @@ def in_child(args: argparse.Namespace) -> dict[str, float]:
     if kind == "toolkit-noaug":
         return toolkit_cell(args, value, ["augment=none"])
     if kind == "toolkit-compiled":
-        return toolkit_cell(args, value, ["compile=true"])
+        return toolkit_cell(args, value, ["runtime.compile=true"])
     return (toolkit_cell if kind == "toolkit" else plain_cell)(args, value)
 
 
@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the data config's)")
-    parser.add_argument("--compile", action="store_true", help="add a column: the toolkit with compile=true")
+    parser.add_argument("--compile", action="store_true", help="add a column: the toolkit with runtime.compile=true")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:

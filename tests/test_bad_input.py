@@ -82,10 +82,10 @@ def test_training_stops_on_bad_files_with_a_list_or_skips_them(tmp_path: Path, l
     with pytest.raises(DataError, match="4 of 28 images") as raised:
         train(compose_config(overrides, tmp_path / "stopped"))
     assert all(str(path) in str(raised.value) for path in bad.values())
-    assert "bad_images=skip" in str(raised.value)
+    assert "runtime.bad_images=skip" in str(raised.value)
     assert (tmp_path / "stopped" / "bad_images.csv").read_text().count("\n") == 5
 
-    results = train(compose_config([*overrides, "bad_images=skip"], tmp_path / "skipped"))
+    results = train(compose_config([*overrides, "runtime.bad_images=skip"], tmp_path / "skipped"))
     assert sorted(results["skipped_images"]) == sorted(str(p) for p in bad.values())
     assert sum(sum(split.values()) for split in results["split_counts"].values()) == 24
 

@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_fast_dev_run_on_gpu_with_bf16_channels_last_and_compile(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=8)
-    cfg = compose_config(["debug=fast_dev_run", "trainer=gpu", "trainer.precision=bf16-mixed", "channels_last=true",
-                          "compile=true", "data=folder", f"data.root={images}", "backbone=timm",
+    cfg = compose_config(["debug=fast_dev_run", "trainer=gpu", "trainer.precision=bf16-mixed", "runtime.channels_last=true",
+                          "runtime.compile=true", "data=folder", f"data.root={images}", "backbone=timm",
                           "backbone.name=test_efficientnet", "backbone.pretrained=false",
                           "trainer.enable_progress_bar=false"], output_dir=tmp_path / "run")
     results = train(cfg)

@@ -31,7 +31,7 @@ def skipped_run(tmp_path_factory) -> dict:
     folder = write_image_folder(tmp / "images", per_class=20)
     for index in range(3):
         (folder / "dog" / f"broken_{index}.png").write_bytes(b"not a png")
-    results = train(compose_config([*FAST, "data=folder", f"data.root={folder}", "bad_images=skip",
+    results = train(compose_config([*FAST, "data=folder", f"data.root={folder}", "runtime.bad_images=skip",
                                     "augment=none"], tmp / "run"))
     return {"folder": folder, "results": results, "run": tmp / "run", "ckpt": results["best_checkpoint"]["path"]}
 

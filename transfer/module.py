@@ -60,8 +60,6 @@ class ClassifierModule(L.LightningModule):
         self.stage_index = 0
         self.trainable: Trainable | None = None
         self.features_cached = False  # this stage's batches hold pooled features, not images
-        # Best checkpoint of each finished stage: [{"stage", "path", "score"}], kept across resumes.
-        self.stage_bests: list[dict[str, Any]] = []
         # Flips and turns the training augmentation applies (`transfer.symmetries`), for tta=auto.
         self.symmetries: list[str] = []
         # The settings that make the run what it is (`transfer.resume.run_shape`), checked on resume.
@@ -197,8 +195,6 @@ class ClassifierModule(L.LightningModule):
         checkpoint["transfer"] = {
             "stage_index": self.stage_index,
             "stage_name": self.stage.name,
-            "stage_bests": self.stage_bests,
-            "current_best": self._current_best(),
             "class_names": self.class_names,
             "backbone": self.hparams.backbone_name,
             "model_kwargs": dict(self.hparams.model_kwargs or {}),  # timm.create_model arguments
@@ -206,16 +202,3 @@ class ClassifierModule(L.LightningModule):
             "symmetries": self.symmetries,
             "run_shape": self.run_shape,
         }
-
-    def _current_best(self) -> dict[str, Any] | None:
-        """The best checkpoint of the stage in progress, so a resumed stage can still pick it."""
-        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
-        if callback is None or not getattr(callback, "best_model_path", ""):
-            return None
-        score = callback.best_model_score
-        return {"stage": self.stage.name, "path": callback.best_model_path,
-                "score": None if score is None else float(score)}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("transfer", {})
-        self.stage_bests = list(state.get("stage_bests", []))

@@ -38,6 +38,7 @@ from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
 from transfer.resume import check_same_run, resume_point, run_shape
 from transfer.schedule import Stage, parse_stages
+from transfer.stage_bests import StageBests
 from transfer.symmetries import symmetries_of
 from transfer.sync_batchnorm import TimmSyncBatchNorm, check_sync_batchnorm
 
@@ -64,21 +65,6 @@ def summarize_stages(module: ClassifierModule) -> list[str]:
     return lines
 
 
-def better(score: float, than: float, mode: str) -> bool:
-    return score > than if mode == "max" else score < than
-
-
-def best_checkpoint(records: list[dict[str, Any]], mode: str) -> dict[str, Any]:
-    scored = [r for r in records if r.get("path") and r.get("score") is not None]
-    if not scored:
-        raise TransferError("No checkpoint was saved: did any validation run? Check the monitor metric.")
-    best = scored[0]
-    for record in scored[1:]:
-        if better(record["score"], best["score"], mode):
-            best = record
-    return best
-
-
 @rank_zero_only
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2))
@@ -93,7 +79,7 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stag
                  image_paths: Sequence[str] = ()) -> tuple[ClassifierModule, dict[str, Any]]:
     # backbone.splitter (optional, `_partial_: true`): the model's parameter groups for the schedule.
     splitter = instantiate(cfg.backbone.splitter) if cfg.backbone.get("splitter") else None
-    backbone = {k: v for k, v in cfg.backbone.items() if k != "splitter"}
+    backbone = {k: v for k, v in cfg.backbone.items() if k not in ("splitter", "coarse_blocks")}
     model = instantiate(OmegaConf.create(backbone), num_classes=num_classes)
     # Precedence: the user's input.* > the dataset's hints (data.input.*) > the backbone's config.
     dataset_hints = OmegaConf.to_container(cfg.data.get("input") or OmegaConf.create({}))
@@ -107,12 +93,12 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stag
         input_config["size"] = size_for_images(model, image_paths, input_config["size"], input_config["crop_pct"])
     # What timm.create_model needs besides name and classes, recorded so a checkpoint rebuilds alone.
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
-                    if k not in ("_target_", "name", "pretrained", "weights", "splitter")}
+                    if k not in ("_target_", "name", "pretrained", "weights", "splitter", "coarse_blocks")}
     module = ClassifierModule(
         model=model, class_names=class_names, stages=stages, optimizer=instantiate(cfg.optimizer),
         backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs,
-        label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last,
-        coarse_blocks=cfg.coarse_blocks, compile_model=cfg.compile,
+        label_smoothing=cfg.label_smoothing, channels_last=cfg.runtime.channels_last,
+        coarse_blocks=cfg.backbone.coarse_blocks, compile_model=cfg.runtime.compile,
         mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None, splitter=splitter)
     return module, input_config
 
@@ -131,9 +117,9 @@ def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path) -> tuple
         log.info("Resuming on the images and split of %s", manifest)
         return load_manifest(manifest, class_names=resumed["class_names"]), []
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    if not cfg.image_check:
+    if not cfg.runtime.image_check:
         return table, []
-    return check_images(table, cfg.bad_images, run_dir / "bad_images.csv")
+    return check_images(table, cfg.runtime.bad_images, run_dir / "bad_images.csv")
 
 
 @rank_zero_only
@@ -244,11 +230,12 @@ def check_feature_cache(cfg: DictConfig, stages: list[Stage]) -> None:
 
 
 def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, index: int,
-              logger: Any, resume: tuple[str, dict[str, Any]] | None, log_step: int = 0,
+              logger: Any, bests: StageBests, resume: str | None, log_step: int = 0,
               max_seconds: float | None = None) -> dict[str, Any]:
     """One schedule stage as one ``Trainer.fit``; returns the stage's report for results.json.
 
-    ``resume`` is (checkpoint path, its schedule state) when this stage continues an interrupted run;
+    ``bests`` collects the best checkpoint of each stage (kept in every checkpoint for resuming);
+    ``resume`` is the checkpoint path when this stage continues an interrupted run;
     ``log_step`` is where the loggers' step axis starts (where the previous stage ended);
     ``max_seconds`` stops the stage at that wall time (Lightning's ``max_time``), for budgets.
     """
@@ -284,22 +271,17 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
         cfg.trainer, max_epochs=stage.epochs, logger=logger, default_root_dir=run_dir, sync_batchnorm=False,
         plugins=[AtomicCheckpointIO(), *sync], max_time=max_seconds and timedelta(seconds=max_seconds),
         callbacks=[best, latest, EpochSummary(stage.name), replicas, ContinueLogSteps(log_step),
-                   *plateau, *instantiate_named(cfg, "callbacks")])  # fresh per stage
+                   bests, *plateau, *instantiate_named(cfg, "callbacks")])  # fresh per stage, but bests
+    bests.watch(stage.name, best)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume[0] if resume else None)
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
     except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into SystemExit(1)
         log.error("Interrupted in stage %d '%s'. The last finished epoch is in %s; resume with "
                   "python train.py ckpt_path=%s (and this run's other overrides).", index + 1,
                   stage.name, run_dir / CHECKPOINT_DIR, run_dir / CHECKPOINT_DIR / "last.ckpt")
         raise
-    record = {"stage": stage.name, "path": best.best_model_path,
-              "score": None if best.best_model_score is None else float(best.best_model_score)}
-    earlier = resume[1].get("current_best") if resume else None  # the best epoch before the interruption
-    if earlier and earlier["score"] is not None and (
-            record["score"] is None or better(earlier["score"], record["score"], mode)):
-        record = earlier
-    module.stage_bests.append(record)
+    record = bests.finish_stage()
     module.set_stage(index)  # back to images, e.g. for testing
     return {**vars(stage), "feature_cache": cached, "trainable": trainable.describe(), "trainable_groups": list(trainable.groups),
             "trainable_params": trainable.trainable_params,
@@ -311,7 +293,7 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
 
 
 def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule,
-              logger: Any) -> tuple[dict[str, Any], dict[str, float], list[list[int]], int]:
+                  logger: Any, bests: StageBests) -> tuple[dict[str, Any], dict[str, float], list[list[int]], int]:
     """Test the best checkpoint over all stages: (best record, metrics, confusion matrix, world size).
 
     A dry run (fast_dev_run) has no checkpoint: it tests the weights in memory on a batch.
@@ -320,7 +302,7 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
         best = {"stage": module.stages[-1].name, "path": None, "score": None}
         log.info("fast_dev_run: no checkpoints; testing the weights in memory on one batch.")
     else:
-        best = best_checkpoint(module.stage_bests, cfg.monitor.mode)
+        best = bests.best()
         log.info("Best checkpoint: %s (%s=%.4f, stage '%s')", best["path"], cfg.monitor.metric,
                  best["score"], best["stage"])
     # The test runs in eval mode: no statistics to synchronise, and the model is converted already.
@@ -339,12 +321,12 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit every stage of the schedule, test the best checkpoint and write ``results.json``."""
     started = time.perf_counter()
-    configure_process(cfg.malloc_tuning)
+    configure_process(cfg.runtime.malloc_tuning)
     run_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    torch.set_float32_matmul_precision(cfg.runtime.matmul_precision)
 
     stages = parse_stages(cfg.schedule.stages)
     check_feature_cache(cfg, stages)
@@ -376,12 +358,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Resuming from %s in stage %d '%s'", cfg.ckpt_path, start + 1, module.stages[start].name)
     logger = instantiate_named(cfg, "logger") or False
     stage_reports: list[dict[str, Any]] = []
+    bests = StageBests(cfg.monitor.mode)  # restored from the checkpoint when resuming
     for index in range(start, len(module.stages)):
-        resume = (cfg.ckpt_path, resumed) if index == start and cfg.get("ckpt_path") else None
+        resume = cfg.ckpt_path if index == start and cfg.get("ckpt_path") else None
         log_step = stage_reports[-1]["logged_steps"] if stage_reports else 0
         limit = budget.stage_limit(index) if budget else None
-        stage_reports.append(fit_stage(cfg, module, datamodule, index, logger, resume, log_step, limit))
-    best, test_metrics, confusion, world_size = evaluate_best(cfg, module, datamodule, logger)
+        stage_reports.append(fit_stage(cfg, module, datamodule, index, logger, bests, resume, log_step, limit))
+    best, test_metrics, confusion, world_size = evaluate_best(cfg, module, datamodule, logger, bests)
 
     results = {
         "run_dir": str(run_dir),

@@ -41,7 +41,7 @@ def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTab
     Either way the bad files are written to ``report`` (CSV: path, reason).
     """
     if action not in ACTIONS:
-        raise DataError(f"bad_images={action} is not one of {list(ACTIONS)}.")
+        raise DataError(f"runtime.bad_images={action} is not one of {list(ACTIONS)}.")
     bad = find_bad_images(table.paths)
     if not bad:
         return table, bad
@@ -52,7 +52,7 @@ def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTab
     if action == "error":
         raise DataError(f"{len(bad)} of {len(table.paths)} images in '{table.name}' cannot be read "
                         f"(all listed in {report}):\n{listing}{more}\nRemove or re-encode them, or "
-                        "train without them with bad_images=skip.")
+                        "train without them with runtime.bad_images=skip.")
     log.warning("Skipping %d unreadable image(s) of %d (listed in %s):\n%s%s", len(bad), len(table.paths),
                 report, listing, more)
     bad_paths = {path for path, _ in bad}
