@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from transfer.data.datamodule import ImageDataModule
 from transfer.errors import TransferError
@@ -130,7 +129,7 @@ def measure_costs(module: ClassifierModule, datamodule: ImageDataModule, cached:
             seconds = []
             for step in range(steps + 1):  # the first step warms up (allocations)
                 started = time.perf_counter()
-                loss = F.cross_entropy(module(images), labels)
+                loss = module.task.loss(module(images), labels, None, 0.0)
                 if loss.requires_grad:
                     loss.backward()
                 seconds.append(time.perf_counter() - started)

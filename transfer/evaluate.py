@@ -26,7 +26,6 @@ from transfer.data.sources import ImageTable, subsample
 from transfer.data.splits import split_indices
 from transfer.errors import TransferError
 from transfer.inference import Classifier, label_indices, load_classifier, pick_device
-from transfer.metrics import classification_metrics
 from transfer.reports import confusion_figure, gallery_figure
 
 log = logging.getLogger("transfer")
@@ -82,19 +81,19 @@ def probabilities_for(classifier: Classifier, dataset: ImageDataset, batch_size:
     return torch.cat([classifier.probabilities(images, tta).cpu() for images, _ in loader])
 
 
-def per_class_report(probs: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
+def per_class_report(predicted: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> list[dict[str, Any]]:
     n = len(class_names)
     columns = {"precision": MulticlassPrecision(n, average=None), "recall": MulticlassRecall(n, average=None),
                "f1": MulticlassF1Score(n, average=None)}
-    values = {name: metric(probs, labels).tolist() for name, metric in columns.items()}
+    values = {name: metric(predicted, labels).tolist() for name, metric in columns.items()}
     support = torch.bincount(labels, minlength=n).tolist()
     return [{"class": name, **{k: round(v[i], 6) for k, v in values.items()}, "support": support[i]}
             for i, name in enumerate(class_names)]
 
 
-def confident_mistakes(probs: torch.Tensor, labels: torch.Tensor, count: int) -> list[int]:
-    """Indices of wrong predictions, most confident first."""
-    confidence, predicted = probs.max(dim=1)
+def confident_mistakes(probs: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, count: int) -> list[int]:
+    """Indices of wrong predictions, most confident first (confidence: the predicted class's probability)."""
+    confidence = probs.gather(1, predicted[:, None])[:, 0]
     wrong = (predicted != labels).nonzero().flatten()
     order = confidence[wrong].argsort(descending=True)
     return wrong[order][:count].tolist()
@@ -114,11 +113,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset = ImageDataset(paths, labels.numpy(), classifier.transform)
     probs = probabilities_for(classifier, dataset, cfg.batch_size, cfg.num_workers, cfg.tta)
 
-    metrics = {k: round(float(v), 6) for k, v in classification_metrics(len(names), "")(probs, labels).items()}
-    matrix = MulticlassConfusionMatrix(len(names))(probs, labels).numpy()
-    per_class = per_class_report(probs, labels, names)
-    mistakes = confident_mistakes(probs, labels, cfg.gallery_size)
-    predicted = probs.argmax(dim=1)
+    metrics = {k: round(float(v), 6) for k, v in classifier.task.metrics(len(names), "")(probs, labels).items()}
+    predicted = classifier.predicted(probs)
+    matrix = MulticlassConfusionMatrix(len(names))(predicted, labels).numpy()
+    per_class = per_class_report(predicted, labels, names)
+    mistakes = confident_mistakes(probs, predicted, labels, cfg.gallery_size)
 
     write_csv(out_dir / "per_class.csv", list(per_class[0]), [list(row.values()) for row in per_class])
     write_csv(out_dir / "predictions.csv", ["path", "true", "predicted", "confidence", *[f"p_{n}" for n in names]],
@@ -128,10 +127,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                      f"{table.name} {cfg.split}: accuracy {metrics['acc']:.2%} (n={len(paths)})")
     if mistakes:
         gallery_figure([paths[i] for i in mistakes],
-                       [f"true {names[labels[i]]}, predicted\n{names[predicted[i]]} ({probs[i].max():.2f})"
+                       [f"true {names[labels[i]]}, predicted\n{names[predicted[i]]} ({probs[i, predicted[i]]:.2f})"
                         for i in mistakes], out_dir / "confident_mistakes.png")
     report = {"checkpoint": str(cfg.ckpt), "data": table.name, "split": cfg.split, "images": len(paths),
-              "tta": cfg.tta, "metrics": metrics, "per_class": per_class, "confusion_matrix": matrix.tolist(),
+              "task": classifier.task.name, "tta": cfg.tta, "metrics": metrics, "per_class": per_class, "confusion_matrix": matrix.tolist(),
               "class_names": names, "confident_mistakes": [paths[i] for i in mistakes]}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     log.info("Metrics: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

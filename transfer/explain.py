@@ -80,10 +80,10 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
         probs = classifier.probabilities(image.unsqueeze(0))[0]
         maps, explained = {}, None
         for method in methods:
-            maps[method], explained = explain(classifier.model, image, method, target)
+            maps[method], explained = explain(classifier.model, image, method, target, classifier.task)
         name = classifier.class_names[explained]
         panel = out_dir / f"{index:04d}_{path.stem}.png"
-        predicted = int(probs.argmax())
+        predicted = int(classifier.predicted(probs[None])[0])
         save_panel(panel, model_view(image, classifier.input_config), maps,
                    f"{path.name}: predicted {classifier.class_names[predicted]} ({probs[predicted]:.2f}); "
                    f"maps for '{name}'")

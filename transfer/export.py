@@ -46,7 +46,8 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
         "std": config["std"],
         "layout": "NCHW float32, batch dimension dynamic",
         "input_name": "image",
-        "output": "logits (softmax over the last axis gives class probabilities)",
+        "task": classifier.task.name,
+        "output": classifier.task.describe_output(),
         "class_names": classifier.class_names,
         "backbone": classifier.backbone,
         "checkpoint": classifier.checkpoint,
@@ -144,7 +145,9 @@ def quantize_export(cfg: DictConfig, classifier: Classifier, out_dir: Path) -> d
     mode = quantize_onnx(out_dir / "model.onnx", int8_path, cfg.quantize, calibration)
     test_images, test_labels = split_images(cfg, classifier, "test")
     report = {"mode": mode, "calibration_images": 0 if calibration is None else len(calibration),
-              **compare_on_images(out_dir / "model.onnx", int8_path, test_images, test_labels)}
+              **compare_on_images(out_dir / "model.onnx", int8_path, test_images, test_labels,
+                                  decide=lambda logits: classifier.predicted(
+                                      classifier.task.probabilities(torch.from_numpy(logits))).numpy())}
     (out_dir / "quantization.json").write_text(json.dumps(report, indent=2))
     log.info("INT8 (%s): %s, test accuracy %.4f vs fp32 %.4f (delta %+.4f, agreement %.4f), %.1f MB vs %.1f MB",
              mode, int8_path, report["int8_acc"], report["fp32_acc"], report["acc_delta"], report["agreement"],

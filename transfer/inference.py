@@ -22,6 +22,7 @@ from transfer.backbone import check_model_name
 from transfer.data.transforms import eval_transform
 from transfer.errors import TransferError
 from transfer.symmetries import views_for
+from transfer.tasks import Classification, Task, task_from_state
 
 # Test-time augmentation: the named view sets (`transfer.symmetries.views_for`); "auto" takes the
 # symmetries the model was trained with from its checkpoint.
@@ -36,6 +37,7 @@ class Classifier:
     backbone: str
     checkpoint: str
     symmetries: list[str] = field(default_factory=list)  # flips and turns it was trained with
+    task: Task = field(default_factory=Classification)   # decodes outputs into class probabilities
 
     @property
     def device(self) -> torch.device:
@@ -48,15 +50,19 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
-        """Softmax over classes for a preprocessed NCHW batch, averaged over the TTA views
-        (``auto``: the flips and turns the model was trained with, `transfer.symmetries`)."""
+        """Class probabilities (the task's decoding) for a preprocessed NCHW batch, averaged over the
+        TTA views (``auto``: the flips and turns the model was trained with, `transfer.symmetries`)."""
         if tta != "auto" and tta not in TTA_SYMMETRIES:
             raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of "
                                 f"{sorted([*TTA_SYMMETRIES, 'auto'])}.")
         symmetries = self.symmetries if tta == "auto" else TTA_SYMMETRIES[tta]
         images = images.to(self.device)
-        views = [self.model(view(images)).float().softmax(dim=-1) for view in views_for(symmetries)]
+        views = [self.task.probabilities(self.model(view(images))) for view in views_for(symmetries)]
         return torch.stack(views).mean(dim=0)
+
+    def predicted(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """One class index per image (argmax; the median grade for task=ordinal)."""
+        return self.task.predicted(probabilities)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         return self.transform(image=rgb)["image"]
@@ -85,12 +91,13 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     checkpoint = read_checkpoint(path)
     state = checkpoint["transfer"]
     check_model_name(state["backbone"])
-    model = timm.create_model(state["backbone"], pretrained=False, num_classes=len(state["class_names"]),
+    task = task_from_state(state.get("task"))
+    model = timm.create_model(state["backbone"], pretrained=False, num_classes=task.outputs(len(state["class_names"])),
                               **state.get("model_kwargs", {}))
     model.load_state_dict(model_state(checkpoint))
     model.eval().to(device)
     return Classifier(model, list(state["class_names"]), dict(state["input_config"]), state["backbone"], str(path),
-                      list(state.get("symmetries", [])))
+                      list(state.get("symmetries", [])), task)
 
 
 def label_indices(class_names: Sequence[str], model_classes: Sequence[str]) -> np.ndarray:

@@ -14,9 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from transfer.feature_cache import classify_features
 from transfer.freezing import Splitter, Trainable, freeze_frozen_modules, set_trainable
-from transfer.metrics import IGNORE, classification_metrics
+from transfer.metrics import IGNORE
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
+from transfer.tasks import Classification, Task
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ class ClassifierModule(L.LightningModule):
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
                  channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False,
                  mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 splitter: Splitter | None = None) -> None:
+                 splitter: Splitter | None = None, task: Task | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "stages", "mixup", "splitter"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "stages", "mixup", "splitter", "task"])
         self.model = model
         self.class_names = list(class_names)
         self.stages = list(stages)
@@ -57,6 +58,8 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = channels_last
         self.coarse_blocks = coarse_blocks
         self.splitter = splitter  # the model's groups for the schedule, instead of timm's (`transfer.freezing`)
+        # Head size, loss, decoding and metrics (`transfer.tasks`); single-label classification by default.
+        self.task = task if task is not None else Classification()
         self.stage_index = 0
         self.trainable: Trainable | None = None
         self.features_cached = False  # this stage's batches hold pooled features, not images
@@ -66,8 +69,8 @@ class ClassifierModule(L.LightningModule):
         self.run_shape: dict[str, Any] = {}
         num_classes = len(self.class_names)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = classification_metrics(num_classes, "val/")
-        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.val_metrics = self.task.metrics(num_classes, "val/")
+        self.test_metrics = self.task.metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
         # Evaluation losses as torchmetrics means weighted by real images: a process whose share is
         # only padding (labels IGNORE) adds nothing, instead of a NaN or an unweighted average.
@@ -121,9 +124,8 @@ class ClassifierModule(L.LightningModule):
     def _step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, weight=self.class_weights,
-                               label_smoothing=self.hparams.label_smoothing)
-        return loss, logits.softmax(dim=-1), labels
+        loss = self.task.loss(logits, labels, self.class_weights, self.hparams.label_smoothing)
+        return loss, self.task.probabilities(logits), labels
 
     def _mixed_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training loss on mixed images against mixed soft targets (timm's Mixup smooths them).
@@ -142,14 +144,14 @@ class ClassifierModule(L.LightningModule):
             tail = tail * (1.0 - smoothing) + smoothing / targets.shape[1]
             mixed, targets = torch.cat([mixed, images[even:]]), torch.cat([targets, tail])
         logits = self(mixed)
-        loss = F.cross_entropy(logits, targets, weight=self.class_weights)
-        return loss, logits.softmax(dim=-1), labels
+        loss = self.task.soft_loss(logits, targets, self.class_weights)
+        return loss, self.task.probabilities(logits), labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         # Mixup blends images, so it applies to image batches, not to cached pooled features.
         mixing = self.mixup is not None and not self.features_cached
         loss, probs, labels = self._mixed_step(batch) if mixing else self._step(batch)
-        self.train_acc(probs, labels)  # against the first image's label when mixing
+        self.train_acc(self.task.predicted(probs), labels)  # against the first image's label when mixing
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -159,13 +161,12 @@ class ClassifierModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         real = labels != IGNORE
-        total = F.cross_entropy(logits, labels, weight=self.class_weights, ignore_index=IGNORE,
-                                label_smoothing=self.hparams.label_smoothing, reduction="sum")
-        # cross_entropy's mean divides by the summed class weights of the targets: the same here.
+        total = self.task.loss(logits, labels, self.class_weights, self.hparams.label_smoothing, reduction="sum")
+        # A weighted mean divides by the summed class weights of the targets (as cross_entropy's does).
         weights = self.class_weights[labels[real]] if self.class_weights is not None else real.float()
         count = weights.sum()
         loss_metric.update(total / count.clamp(min=1e-12), weight=count)
-        return logits.softmax(dim=-1), labels
+        return self.task.probabilities(logits), labels
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         probs, labels = self._evaluation_step(batch, self.val_loss)
@@ -176,7 +177,7 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         probs, labels = self._evaluation_step(batch, self.test_loss)
         self.test_metrics.update(probs, labels)
-        self.test_confusion.update(probs, labels)
+        self.test_confusion.update(self.task.predicted(probs), labels)
         self.log("test/loss", self.test_loss, on_epoch=True)
         self.log_dict(self.test_metrics, on_epoch=True)
 
@@ -201,4 +202,5 @@ class ClassifierModule(L.LightningModule):
             "input_config": self.hparams.input_config,
             "symmetries": self.symmetries,
             "run_shape": self.run_shape,
+            "task": self.task.state(),
         }

@@ -36,10 +36,10 @@ def predict_files(classifier: Classifier, paths: list[Path], tta: str = "none", 
 
 
 def write_predictions(path: Path, paths: list[Path], probabilities: torch.Tensor, indices: list[int],
-                      class_names: list[str]) -> None:
+                      class_names: list[str], predicted: torch.Tensor) -> None:
+    """One row per readable file: the predicted class (argmax, or the task's rule), its probability, all."""
     rows = []
-    for index, probs in zip(indices, probabilities.tolist()):
-        best = max(range(len(probs)), key=probs.__getitem__)
+    for index, probs, best in zip(indices, probabilities.tolist(), predicted.tolist()):
         rows.append([paths[index], class_names[best], f"{probs[best]:.6f}", *[f"{p:.6f}" for p in probs]])
     write_csv(path, ["path", "predicted", "confidence", *[f"p_{name}" for name in class_names]], rows)
 
@@ -52,12 +52,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     log.info("Predicting %d file(s) from %s with %s (%s), tta=%s", len(paths), cfg.inputs, classifier.backbone,
              Path(cfg.ckpt).name, cfg.tta)
     probabilities, indices, unreadable = predict_files(classifier, paths, cfg.tta, cfg.batch_size, cfg.num_workers)
-    write_predictions(out_dir / "predictions.csv", paths, probabilities, indices, classifier.class_names)
+    predicted = classifier.predicted(probabilities)
+    write_predictions(out_dir / "predictions.csv", paths, probabilities, indices, classifier.class_names, predicted)
     if unreadable:
         write_csv(out_dir / "unreadable.csv", ["path", "error"], [(str(paths[i]), error) for i, error in unreadable])
         log.warning("%d file(s) could not be read; listed in %s:\n%s", len(unreadable), out_dir / "unreadable.csv",
                     "\n".join(f"  {paths[i]}" for i, _ in unreadable[:10]))
-    counts = Counter(classifier.class_names[i] for i in probabilities.argmax(dim=1).tolist())
+    counts = Counter(classifier.class_names[i] for i in predicted.tolist())
     summary = {"checkpoint": str(cfg.ckpt), "inputs": str(cfg.inputs), "tta": cfg.tta, "files": len(paths),
                "predicted": len(indices), "unreadable": len(unreadable),
                "per_class": {name: counts.get(name, 0) for name in classifier.class_names}}

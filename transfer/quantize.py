@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,13 +71,16 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, mode: str, calibration: np.n
 
 
 def compare_on_images(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: Sequence[int],
-                      input_name: str = "image", batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy of the fp32 and the INT8 model on the same images, their difference and agreement."""
+                      input_name: str = "image", batch_size: int = 32,
+                      decide: Callable[[np.ndarray], np.ndarray] = lambda logits: logits.argmax(-1),
+                      ) -> dict[str, Any]:
+    """Accuracy of the fp32 and the INT8 model on the same images, their difference and agreement;
+    ``decide`` turns the model's outputs into class indices (the run's task; argmax by default)."""
     import onnxruntime
 
     def predictions(path: Path) -> np.ndarray:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return np.concatenate([session.run(None, {input_name: images[i:i + batch_size]})[0].argmax(-1)
+        return np.concatenate([decide(session.run(None, {input_name: images[i:i + batch_size]})[0])
                                for i in range(0, len(images), batch_size)])
 
     truth = np.asarray(labels)

@@ -31,6 +31,7 @@ def run_shape(cfg: DictConfig) -> dict[str, Any]:
         "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
         "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
     }
 
 

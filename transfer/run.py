@@ -41,6 +41,7 @@ from transfer.schedule import Stage, parse_stages
 from transfer.stage_bests import StageBests
 from transfer.symmetries import symmetries_of
 from transfer.sync_batchnorm import TimmSyncBatchNorm, check_sync_batchnorm
+from transfer.tasks import Classification, Task
 
 log = logging.getLogger("transfer")
 
@@ -80,7 +81,11 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stag
     # backbone.splitter (optional, `_partial_: true`): the model's parameter groups for the schedule.
     splitter = instantiate(cfg.backbone.splitter) if cfg.backbone.get("splitter") else None
     backbone = {k: v for k, v in cfg.backbone.items() if k not in ("splitter", "coarse_blocks")}
-    model = instantiate(OmegaConf.create(backbone), num_classes=num_classes)
+    task: Task = instantiate(cfg.task)  # the head's size, loss, decoding and metrics
+    if cfg.get("mixup") and not isinstance(task, Classification):
+        raise TransferError(f"mixup blends one-hot class targets, which task={task.name} does not train on; "
+                            "drop mixup=... .")
+    model = instantiate(OmegaConf.create(backbone), num_classes=task.outputs(num_classes))
     # Precedence: the user's input.* > the dataset's hints (data.input.*) > the backbone's config.
     dataset_hints = OmegaConf.to_container(cfg.data.get("input") or OmegaConf.create({}))
     user = OmegaConf.to_container(cfg.get("input") or OmegaConf.create({}))
@@ -99,7 +104,8 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stag
         backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs,
         label_smoothing=cfg.label_smoothing, channels_last=cfg.runtime.channels_last,
         coarse_blocks=cfg.backbone.coarse_blocks, compile_model=cfg.runtime.compile,
-        mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None, splitter=splitter)
+        mixup=instantiate(cfg.mixup, num_classes=num_classes) if cfg.get("mixup") else None, splitter=splitter,
+        task=task)
     return module, input_config
 
 
@@ -369,6 +375,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = {
         "run_dir": str(run_dir),
         "backbone": cfg.backbone.name,
+        "task": module.task.name,
         "dataset": table.name,
         "class_names": table.class_names,
         "split_counts": split_counts,

@@ -15,27 +15,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transfer.errors import TransferError
+from transfer.tasks import Classification, Task
 
 METHODS = ("gradient", "gradcam")
 
 
-def _target(logits: torch.Tensor, target: int | None) -> int:
-    return int(logits.argmax(dim=-1)[0]) if target is None else target
+def _target(logits: torch.Tensor, target: int | None, task: Task) -> int:
+    """The class to explain: the one given, else the predicted one."""
+    return int(task.predicted(task.probabilities(logits.detach()))[0]) if target is None else target
 
 
-def gradient_map(model: nn.Module, image: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, int]:
-    """(H x W map in [0, 1], the class explained) for one preprocessed CHW image."""
+def gradient_map(model: nn.Module, image: torch.Tensor, target: int | None = None,
+                 task: Task | None = None) -> tuple[np.ndarray, int]:
+    """(H x W map in [0, 1], the class explained) for one preprocessed CHW image. The score explained
+    is the task's (`Task.score`: the class logit for classification)."""
+    task = task or Classification()
     inputs = image.unsqueeze(0).detach().clone().requires_grad_(True)
     with torch.enable_grad():
         logits = model(inputs)
-        target = _target(logits, target)
-        (gradient,) = torch.autograd.grad(logits[0, target], inputs)
+        target = _target(logits, target, task)
+        (gradient,) = torch.autograd.grad(task.score(logits, target), inputs)
     saliency = gradient[0].abs().amax(dim=0)
     return _normalise(saliency), target
 
 
-def grad_cam(model: nn.Module, image: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, int]:
+def grad_cam(model: nn.Module, image: torch.Tensor, target: int | None = None,
+             task: Task | None = None) -> tuple[np.ndarray, int]:
     """(H x W map in [0, 1], the class explained) for one preprocessed CHW image."""
+    task = task or Classification()
     inputs = image.unsqueeze(0).detach()
     with torch.enable_grad():
         features = model.forward_features(inputs)
@@ -44,19 +51,20 @@ def grad_cam(model: nn.Module, image: torch.Tensor, target: int | None = None) -
                                 f"{tuple(features.shape)} (a transformer?). Use method=gradient.")
         features = features.detach().requires_grad_(True)
         logits = model.forward_head(features)
-        target = _target(logits, target)
-        (gradient,) = torch.autograd.grad(logits[0, target], features)
+        target = _target(logits, target, task)
+        (gradient,) = torch.autograd.grad(task.score(logits, target), features)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * features).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
     return _normalise(cam[0, 0]), target
 
 
-def explain(model: nn.Module, image: torch.Tensor, method: str, target: int | None = None) -> tuple[np.ndarray, int]:
+def explain(model: nn.Module, image: torch.Tensor, method: str, target: int | None = None,
+            task: Task | None = None) -> tuple[np.ndarray, int]:
     if method == "gradient":
-        return gradient_map(model, image, target)
+        return gradient_map(model, image, target, task)
     if method == "gradcam":
-        return grad_cam(model, image, target)
+        return grad_cam(model, image, target, task)
     raise TransferError(f"Unknown saliency method '{method}'; choose from {list(METHODS)}.")
 
 

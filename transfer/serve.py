@@ -93,9 +93,9 @@ def images_in(request: Any, single: bool) -> list[Any]:
 
 def describe(classifier: Any, probabilities: torch.Tensor) -> list[dict[str, Any]]:
     names = classifier.class_names
-    return [{"label": names[int(row.argmax())], "confidence": float(row.max()),
+    return [{"label": names[int(best)], "confidence": float(row[best]),
              "probabilities": {name: float(p) for name, p in zip(names, row.tolist())}}
-            for row in probabilities]
+            for row, best in zip(probabilities, classifier.predicted(probabilities))]
 
 
 class PredictAPI(ls.LitAPI):
@@ -156,10 +156,10 @@ class ExplainAPI(ls.LitAPI):
         with torch.inference_mode():
             probabilities = self.classifier.probabilities(image.unsqueeze(0), self.tta).cpu()
         try:
-            saliency, _ = explain(self.classifier.model, image, "gradcam")
+            saliency, _ = explain(self.classifier.model, image, "gradcam", task=self.classifier.task)
             method = "gradcam"
         except TransferError:  # not a CNN
-            saliency, _ = explain(self.classifier.model, image, "gradient")
+            saliency, _ = explain(self.classifier.model, image, "gradient", task=self.classifier.task)
             method = "gradient"
         picture = overlay(model_view(image, self.classifier.input_config), saliency)
         return {"prediction": describe(self.classifier, probabilities)[0], "method": method,

@@ -1,0 +1,169 @@
+"""Tasks (`transfer.tasks`): the classification default unchanged, ordinal grades end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import cohen_kappa_score
+
+from tests.conftest import FAST, ROOT, compose_config
+from transfer.errors import TransferError
+from transfer.evaluate import evaluate
+from transfer.explain import explain_files
+from transfer.export import export
+from transfer.inference import load_classifier
+from transfer.metrics import IGNORE
+from transfer.predict import predict
+from transfer.run import train
+from transfer.tasks import Classification, Ordinal, task_from_state
+
+
+def test_classification_task_is_the_weighted_smoothed_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, IGNORE, 1])
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    task = Classification()
+    expected = F.cross_entropy(logits, labels, weight=weights, ignore_index=IGNORE, label_smoothing=0.1)
+    torch.testing.assert_close(task.loss(logits, labels, weights, 0.1), expected)
+    torch.testing.assert_close(task.probabilities(logits), logits.softmax(-1))
+    assert task.outputs(3) == 3
+
+
+def test_ordinal_probabilities_are_a_distribution_whose_median_is_the_prediction() -> None:
+    task = Ordinal()
+    assert task.outputs(4) == 3
+    outputs = torch.tensor([[3.0, 0.2, -4.0],    # P(>0) high, P(>1) ~0.55, P(>2) low: grade 2
+                            [-3.0, -3.0, -3.0],  # grade 0
+                            [-1.0, 2.0, 3.0]])   # not monotone: P(>1), P(>2) capped by P(>0) < 0.5
+    probabilities = task.probabilities(outputs)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
+    assert (probabilities >= 0).all()
+    assert task.predicted(probabilities).tolist() == [2, 0, 0]
+    above = 1 - probabilities.cumsum(-1)[:, :-1]
+    assert (above[:, 1:] <= above[:, :-1] + 1e-6).all()
+
+
+def test_ordinal_loss_is_binary_cross_entropy_on_above_grade_targets() -> None:
+    torch.manual_seed(0)
+    outputs, labels = torch.randn(5, 3), torch.tensor([0, 3, 1, IGNORE, 2])
+    targets = torch.tensor([[0, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    real = outputs[[0, 1, 2, 4]]
+    per_image = F.binary_cross_entropy_with_logits(real, targets, reduction="none").sum(-1)
+    task = Ordinal()
+    torch.testing.assert_close(task.loss(outputs, labels, None, 0.0), per_image.mean())
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    w = weights[torch.tensor([0, 3, 1, 2])]
+    torch.testing.assert_close(task.loss(outputs, labels, weights, 0.0, reduction="sum"), (per_image * w).sum())
+
+
+def test_ordinal_metrics_match_scikit_learn_and_ignore_padding() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 50)
+    probabilities = torch.tensor(rng.dirichlet(np.ones(4), 50), dtype=torch.float32)
+    task = Ordinal()
+    predicted = task.predicted(probabilities).numpy()
+    padded_labels = torch.tensor(np.concatenate([labels, [IGNORE, IGNORE]]))
+    padded = torch.cat([probabilities, probabilities[:2]])
+    values = {k: float(v) for k, v in task.metrics(4, "")(padded, padded_labels).items()}
+    assert values["acc"] == pytest.approx(float((predicted == labels).mean()))
+    assert values["mae"] == pytest.approx(float(np.abs(predicted - labels).mean()))
+    assert values["qwk"] == pytest.approx(cohen_kappa_score(labels, predicted, weights="quadratic"), abs=1e-5)
+
+
+def test_a_checkpoint_without_a_task_is_classification_and_unknown_tasks_are_named() -> None:
+    assert isinstance(task_from_state(None), Classification)
+    assert isinstance(task_from_state({"name": "ordinal"}), Ordinal)
+    with pytest.raises(TransferError, match="regressionish"):
+        task_from_state({"name": "regressionish"})
+
+
+def write_graded_folder(root: Path, per_class: int = 16, size: int = 40) -> Path:
+    """Three grades of brightness (g0 darkest), in folders that sort in grade order."""
+    rng = np.random.default_rng(0)
+    for grade in range(3):
+        folder = root / f"g{grade}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            level = 50 + 75 * grade + rng.normal(0, 12, (size, size))
+            Image.fromarray(np.clip(np.stack([level] * 3, -1), 0, 255).astype(np.uint8)).save(
+                folder / f"{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ordinal_run(tmp_path_factory) -> dict:
+    tmp_path = tmp_path_factory.mktemp("ordinal")
+    images = write_graded_folder(tmp_path / "images")
+    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "augment=none",
+                                    "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
+                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run"))  # random init: train it all
+    return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
+
+
+def command_config(name: str, out_dir: Path, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def test_ordinal_run_trains_k_minus_one_outputs_and_reports_grade_metrics(ordinal_run: dict) -> None:
+    results = ordinal_run["results"]
+    assert results["task"] == "ordinal"
+    assert set(results["test"]) == {"loss", "acc", "mae", "qwk"}
+    assert results["test"]["acc"] > 0.5  # brightness grades are easy
+    classifier = load_classifier(ordinal_run["ckpt"])
+    assert isinstance(classifier.task, Ordinal)
+    assert classifier.model.get_classifier().out_features == 2  # 3 grades
+    assert classifier.class_names == ["g0", "g1", "g2"]
+
+
+def test_ordinal_evaluate_reproduces_the_runs_test_metrics(ordinal_run: dict, tmp_path: Path) -> None:
+    report = evaluate(command_config("evaluate", tmp_path / "eval", [f"ckpt={ordinal_run['ckpt']}"]))
+    for name in ("acc", "mae", "qwk"):
+        assert report["metrics"][name] == pytest.approx(ordinal_run["results"]["test"][name], abs=1e-6)
+    assert report["task"] == "ordinal"
+    assert np.array(report["confusion_matrix"]).sum() == sum(ordinal_run["results"]["split_counts"]["test"].values())
+
+
+def test_ordinal_predict_writes_grade_probabilities_and_the_median_grade(ordinal_run: dict, tmp_path: Path) -> None:
+    predict(command_config("predict", tmp_path / "pred", [f"ckpt={ordinal_run['ckpt']}",
+                                                          f"inputs={ordinal_run['images'] / 'g2'}"]))
+    with open(tmp_path / "pred" / "predictions.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 16
+    for row in rows:
+        probabilities = np.array([float(row[f"p_g{k}"]) for k in range(3)])
+        assert probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+        median = int((1 - np.cumsum(probabilities)[:-1] >= 0.5).sum())
+        assert row["predicted"] == f"g{median}"
+    assert sum(row["predicted"] == "g2" for row in rows) >= 12
+
+
+def test_ordinal_export_passes_parity_and_explain_runs(ordinal_run: dict, tmp_path: Path) -> None:
+    report = export(command_config("export", tmp_path / "export", [f"ckpt={ordinal_run['ckpt']}",
+                                                                  "formats=[onnx,torchscript]"]))
+    assert all(result["passed"] for result in report["formats"].values())
+    spec = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
+    assert spec["task"] == "ordinal" and "P(class > k)" in spec["output"]
+    summary = explain_files(command_config("explain", tmp_path / "explain", [f"ckpt={ordinal_run['ckpt']}",
+                                                                            "split=test", "max_images=2"]))
+    assert summary["panels"] == 2
+
+
+def test_mixup_is_refused_for_ordinal_grades(tmp_path: Path) -> None:
+    images = write_graded_folder(tmp_path / "images", per_class=4)
+    with pytest.raises(TransferError, match="mixup"):
+        train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "mixup=light"],
+                             tmp_path / "run"))

@@ -1,0 +1,104 @@
+"""Ordered classes (grades, severities): K-1 binary "above grade k" outputs, decoded monotonically.
+
+The head has K-1 outputs; output k is trained with binary cross-entropy on "the label is above
+class k" (the ordinal binary decomposition of Frank & Hall 2001 and Niu et al. 2016; CORAL, Cao et
+al. 2020, shares one weight vector among the K-1 outputs, here each has its own, so the head is an
+ordinary timm classifier and exports as one). The cumulative probabilities P(y > k) are made
+non-increasing in k, and P(y = k) = P(y > k-1) - P(y > k). The prediction is the median grade, the
+number of k with P(y > k) >= 0.5, which minimises the expected error in classes.
+
+Metrics: accuracy, mean absolute error in classes (``mae``), quadratic weighted kappa (``qwk``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
+from torchmetrics.wrappers import LambdaInputTransformer
+
+from transfer.metrics import IGNORE
+from transfer.tasks.base import Task
+
+
+def above(probabilities: torch.Tensor) -> torch.Tensor:
+    """P(y > k) for k = 0..K-2 from class probabilities (N x K)."""
+    return 1.0 - probabilities.cumsum(dim=-1)[..., :-1]
+
+
+def median_class(probabilities: torch.Tensor) -> torch.Tensor:
+    return (above(probabilities) >= 0.5).sum(dim=-1)
+
+
+class MeanClassError(Metric):
+    """Mean absolute difference between predicted and true class indices (IGNORE labels left out)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        real = labels != IGNORE
+        self.total += (predicted[real] - labels[real]).abs().float().sum()
+        self.count += real.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count.clamp(min=1)
+
+
+class Ordinal(Task):
+    """Ordered classes: K-1 cumulative binary outputs, binary cross-entropy, the median grade."""
+
+    name = "ordinal"
+
+    def outputs(self, num_classes: int) -> int:
+        return num_classes - 1
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
+             label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+        real = labels != IGNORE
+        outputs, labels = outputs[real].float(), labels[real]
+        thresholds = torch.arange(outputs.shape[-1], device=labels.device)
+        targets = (labels[:, None] > thresholds[None, :]).float()
+        if label_smoothing:
+            targets = targets * (1.0 - label_smoothing) + label_smoothing / 2
+        per_image = F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").sum(dim=-1)
+        weights = class_weights[labels] if class_weights is not None else torch.ones_like(per_image)
+        total = (per_image * weights).sum()
+        return total if reduction == "sum" else total / weights.sum().clamp(min=1e-12)
+
+    def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
+        greater = torch.sigmoid(outputs.float())
+        greater = torch.cummin(greater, dim=-1).values  # P(y > k) cannot grow with k
+        ones, zeros = torch.ones_like(greater[..., :1]), torch.zeros_like(greater[..., :1])
+        bounds = torch.cat([ones, greater, zeros], dim=-1)
+        return bounds[..., :-1] - bounds[..., 1:]
+
+    def predicted(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return median_class(probabilities)
+
+    def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
+        return MetricCollection(
+            {
+                "acc": LambdaInputTransformer(MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE),
+                                              transform_pred=median_class),
+                "mae": LambdaInputTransformer(MeanClassError(), transform_pred=median_class),
+                "qwk": LambdaInputTransformer(MulticlassCohenKappa(num_classes, weights="quadratic",
+                                                                   ignore_index=IGNORE),
+                                              transform_pred=median_class),
+            },
+            prefix=prefix, compute_groups=False,
+        )
+
+    def score(self, outputs: torch.Tensor, target: int) -> torch.Tensor:
+        # The grade as the model scores it: the sum of the "above grade k" logits (the target is not
+        # used: one map shows what raises the grade).
+        return outputs[0].sum()
+
+    def describe_output(self) -> str:
+        return ("K-1 logits of P(class > k); sigmoid, running minimum over k, then P(class = k) = "
+                "P(class > k-1) - P(class > k) gives class probabilities")
