@@ -57,7 +57,7 @@ def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) 
     assert "auto:" in faces  # a folder of images gets augment=auto
     assert "±" in faces and "±" not in elpv  # the few-image dataset averages its seeds
     runs = sorted(p.name for p in (tmp_path / "panel" / "runs").iterdir())
-    assert runs == ["elpv_defective-default", *(f"elpv_defective-hand{i}" for i in range(3)),
+    assert runs == ["elpv_defective-default", *(f"elpv_defective-hand{i}" for i in range(5)),
                     *(f"faces_few-{setting}-seed{seed}" for setting in ("default", "hand0", "hand1", "hand2", "hand3")
                       for seed in (42, 43))]
     for run in runs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,22 @@ def test_mixup_is_refused_for_ordinal_grades(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="mixup"):
         train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "mixup=light"],
                              tmp_path / "run"))
+
+
+def test_panel_grade_metrics_from_a_confusion_matrix_match_scikit_learn() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("panel", ROOT / "benchmarks" / "panel.py")
+    panel = importlib.util.module_from_spec(spec)
+    sys.modules["panel"] = panel  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(panel)
+    finally:
+        del sys.modules["panel"]
+    confusion = [[10, 2, 0, 1], [3, 5, 1, 0], [0, 2, 4, 1], [1, 0, 2, 8]]
+    truth = [i for i, row in enumerate(confusion) for count in row for _ in range(count)]
+    guess = [j for row in confusion for j, count in enumerate(row) for _ in range(count)]
+    values = panel.grade_metrics(confusion)
+    assert values["acc"] == pytest.approx(np.mean(np.array(truth) == np.array(guess)))
+    assert values["mae"] == pytest.approx(np.mean(np.abs(np.array(truth) - np.array(guess))))
+    assert values["qwk"] == pytest.approx(cohen_kappa_score(truth, guess, weights="quadratic"))
