@@ -210,7 +210,8 @@ def plan_budget(cfg: DictConfig, module: ClassifierModule, datamodule: ImageData
 
 def log_setup(cfg: DictConfig, datamodule: ImageDataModule, module: ClassifierModule) -> None:
     table, config = datamodule.table, module.hparams.input_config
-    log.info("Data '%s': %d images, classes %s", table.name, len(table.paths), table.class_names)
+    kind = "classes" if isinstance(module.task, Classification) else f"{module.task.name} classes, in order"
+    log.info("Data '%s': %d images, %s %s", table.name, len(table.paths), kind, table.class_names)
     for split, per_class in datamodule.split_counts().items():
         log.info("  %-5s %5d  %s", split, sum(per_class.values()), per_class)
     log.info("Backbone %s, input %s, mean %s, std %s", cfg.backbone.name, config["size"], config["mean"],
