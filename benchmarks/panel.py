@@ -63,7 +63,9 @@ LITE1, LITE2 = ["backbone=efficientnet_lite1"], ["backbone=efficientnet_lite2"]
 PANEL = [
     PanelDataset("elpv_defective", ["data=elpv"], [EMA, MIXUP, LR_FIND, LITE1, LITE2]),
     PanelDataset("elpv_defective_5min", ["data=elpv", "budget.minutes=5"]),  # the default within 5 minutes
-    PanelDataset("elpv_severity", ["data=elpv_severity"], [["task=ordinal"]], ordered=True),
+    # Severity: grades as ordinal, and the two treatments of its imbalance (rarest class under 10%).
+    PanelDataset("elpv_severity", ["data=elpv_severity"],
+                 [["task=ordinal"], ["class_weights=balanced"], ["data.sampler=balanced"]], ordered=True),
     PanelDataset("elpv_cell_type", ["data=elpv_cell_type"]),
     PanelDataset("characters", ["data=folder"], [["augment=none"], MIXUP, LR_FIND], build="characters"),
     PanelDataset("faces_few", ["data=folder"], [["augment=none"], ["augment=standard"], MIXUP, LR_FIND],

@@ -173,3 +173,24 @@ def test_download_rejects_a_bad_checksum_and_keeps_nothing(loopback_server, tmp_
 def test_download_offline_explains_the_way_out(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data=folder"):
         download("http://127.0.0.1:9/hotdog.zip", tmp_path / "hotdog.zip", None, timeout=5)
+
+
+def test_balanced_sampler_draws_every_class_equally_and_splits_one_draw_across_processes() -> None:
+    from transfer.data.datamodule import BalancedSampler
+
+    labels = np.array([0] * 90 + [1] * 10)
+    single = BalancedSampler(labels, seed=3)
+    draws = []
+    for epoch in range(20):
+        single.set_epoch(epoch)
+        draws.append(np.array(list(single)))
+    drawn = labels[np.concatenate(draws)]
+    assert len(draws[0]) == 100 and abs(drawn.mean() - 0.5) < 0.05  # the rare class half the time
+    assert not np.array_equal(draws[0], draws[1])  # a new draw every epoch
+    single.set_epoch(0)
+    assert np.array_equal(np.array(list(single)), draws[0])  # the same draw for the same (seed, epoch)
+    parts = [BalancedSampler(labels, num_replicas=3, rank=rank, seed=3) for rank in range(3)]
+    shares = [list(part) for part in parts]
+    assert [len(share) for share in shares] == [34, 34, 34]  # 100 padded to 102
+    interleaved = [shares[i % 3][i // 3] for i in range(100)]
+    assert interleaved == draws[0].tolist()  # together exactly the single process's draw

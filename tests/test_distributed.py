@@ -177,3 +177,18 @@ def test_small_uneven_data_on_two_processes_trains_every_epoch_and_evaluates_eac
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["confusion_matrix"] == results["confusion_matrix"]
     assert evaluated["metrics"]["acc"] == pytest.approx(results["test"]["acc"], abs=1e-6)
+
+
+def test_balanced_sampler_on_two_processes_matches_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    # 8 cats and 24 dogs: the balanced draws repeat cats; both processes must share one global draw.
+    images = write_image_folder(tmp_path / "images", per_class=8)
+    rng = np.random.default_rng(2)
+    for index in range(16):
+        make_image(1, 40, rng).save(images / "dog" / f"extra_{index}.png")
+    common = [f"data.root={images}", "data.sampler=balanced", "data.test_fraction=0.25"]
+    ddp_results, ddp_dir = run(tmp_path, "ddp", *common, "trainer=ddp", "trainer.devices=2", "data.batch_size=4")
+    single_results, single_dir = run(tmp_path, "single", *common, "data.batch_size=8")
+    ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
+    for key in ddp_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert all(stage["distributed"]["identical"] for stage in ddp_results["stages"])

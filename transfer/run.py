@@ -148,7 +148,8 @@ def build_datamodule(cfg: DictConfig, table: ImageTable, input_config: dict[str,
         eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers,
         test_fraction=0.0 if from_manifest else cfg.data.test_fraction,
         val_fraction=0.0 if from_manifest else cfg.data.val_fraction, seed=cfg.seed,
-        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu")
+        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu",
+        sampler=cfg.data.sampler)
     datamodule.check_transforms()
     return datamodule
 
@@ -357,7 +358,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_setup(cfg, datamodule, module)
     split_counts = datamodule.split_counts()
     check_split_classes(split_counts)
-    weights = class_weights_for(split_counts["train"], cfg.get("class_weights"))
+    weights = class_weights_for(split_counts["train"], cfg.get("class_weights"), cfg.data.sampler)
     if weights is not None:
         module.class_weights = torch.tensor(weights, dtype=torch.float32)
 

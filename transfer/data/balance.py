@@ -36,17 +36,22 @@ def balanced_class_weights(train_counts: Mapping[str, int]) -> list[float]:
     return [total / (classes * n) for n in train_counts.values()]
 
 
-def class_weights_for(train_counts: Mapping[str, int], setting: str | None) -> list[float] | None:
-    """The loss weights for ``class_weights=null|balanced``, warning about imbalance left untreated."""
+def class_weights_for(train_counts: Mapping[str, int], setting: str | None,
+                      sampler: str = "shuffle") -> list[float] | None:
+    """The loss weights for ``class_weights=null|balanced``, warning about imbalance left untreated
+    (``sampler="balanced"`` treats it by drawing every class equally often)."""
     ratio = imbalance_ratio(train_counts)
     if setting is None:
-        if ratio >= IMBALANCE_WARNING_RATIO:
+        if ratio >= IMBALANCE_WARNING_RATIO and sampler != "balanced":
             log.warning("Classes are imbalanced %.1f:1 in the training split (%s); accuracy will favour the "
-                        "large classes. class_weights=balanced weights the loss by inverse class frequency.",
-                        ratio, dict(train_counts))
+                        "large classes. class_weights=balanced weights the loss by inverse class frequency; "
+                        "data.sampler=balanced draws every class equally often.", ratio, dict(train_counts))
         return None
     if setting != "balanced":
         raise DataError(f"class_weights={setting} is not supported; use null or balanced.")
+    if sampler == "balanced":
+        log.warning("class_weights=balanced with data.sampler=balanced corrects the imbalance twice: "
+                    "rare classes now outweigh common ones. Use one of the two.")
     weights = balanced_class_weights(train_counts)
     log.info("Class weights in the loss (balanced): %s",
              ", ".join(f"{name} {w:.3f}" for name, w in zip(train_counts, weights)))

@@ -114,6 +114,44 @@ def train_sampler(dataset: Dataset, trainer: "L.Trainer | None", seed: int) -> D
     return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
 
 
+class BalancedSampler(Sampler[int]):
+    """Each epoch draws as many training images as the split holds, with replacement, every class
+    equally likely (each image weighted by 1 / its class's count): rare classes are seen as often as
+    common ones, at the price of repeating their images.
+
+    The draw depends only on (seed, epoch), never on the number of processes: process r of N takes
+    every N-th index of the same global draw (padded to a multiple of N by wrapping around), so the
+    processes see different images and together exactly the draw one process would see. Lightning
+    calls ``set_epoch`` on it every epoch.
+    """
+
+    def __init__(self, labels: np.ndarray, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        labels = np.asarray(labels)
+        counts = np.bincount(labels)
+        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = -(-len(labels) // num_replicas)
+        self.total = len(labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_draw(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draw = torch.multinomial(self.weights, self.total, replacement=True, generator=generator)
+        padding = self.num_samples * self.num_replicas - self.total
+        return torch.cat([draw, draw[:padding]])
+
+    def __iter__(self):
+        return iter(self.global_draw()[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+SAMPLERS = ("shuffle", "balanced")
+
+
 def eval_sampler(dataset: Dataset, trainer: "L.Trainer | None") -> EvenlySplit:
     return EvenlySplit(len(dataset), *_processes(trainer))
 
@@ -122,8 +160,11 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, table: ImageTable, train_transform: Callable, eval_transform: Callable,
                  input_size: tuple[int, int], batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 2, test_fraction: float = 0.25, val_fraction: float = 0.1,
-                 seed: int = 42, pin_memory: bool = False) -> None:
+                 seed: int = 42, pin_memory: bool = False, sampler: str = "shuffle") -> None:
         super().__init__()
+        if sampler not in SAMPLERS:
+            raise DataError(f"data.sampler={sampler} is not one of {list(SAMPLERS)}.")
+        self.sampler = sampler  # the training order: a seeded shuffle, or class-balanced draws
         self.table = table
         self.train_transform = train_transform
         self.eval_transform = eval_transform
@@ -173,10 +214,16 @@ class ImageDataModule(L.LightningDataModule):
         # Each process gets ceil(n / replicas) training images (DistributedSampler pads): drop the
         # last partial batch only when that share still holds a full one, or an epoch could be empty.
         share = -(-len(dataset) // replicas)
+        if not train:
+            sampler = eval_sampler(dataset, trainer)
+        elif self.sampler == "balanced":
+            sampler = BalancedSampler(self.table.labels[self.splits["train"]], replicas, rank, self.seed)
+        else:
+            sampler = train_sampler(dataset, trainer, self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=train_sampler(dataset, trainer, self.seed) if train else eval_sampler(dataset, trainer),
+            sampler=sampler,
             drop_last=train and share > self.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
