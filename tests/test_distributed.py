@@ -192,3 +192,18 @@ def test_balanced_sampler_on_two_processes_matches_one_process_at_the_same_globa
     for key in ddp_weights:
         torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-5, atol=1e-6, msg=key)
     assert all(stage["distributed"]["identical"] for stage in ddp_results["stages"])
+
+
+def test_cross_validation_runs_its_folds_on_two_processes(tmp_path: Path) -> None:
+    images = write_image_folder(tmp_path / "images", per_class=10)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, f"data.root={images}", "trainer=ddp",
+                           "trainer.devices=2", "data.batch_size=4", "cv.folds=2", f"paths.log_dir={tmp_path / 'cv'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (cv_dir,) = (tmp_path / "cv" / "runs").iterdir()
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert summary["folds"] == 2 and summary["test_images"] == 4
+    for fold in range(2):
+        fold_results = json.loads((cv_dir / f"fold_{fold}" / "results.json").read_text())
+        assert fold_results["world_size"] == 2
+        assert all(stage["distributed"]["identical"] for stage in fold_results["stages"])

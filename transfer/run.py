@@ -327,7 +327,12 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit every stage of the schedule, test the best checkpoint and write ``results.json``."""
+    """Fit every stage of the schedule, test the best checkpoint and write ``results.json``
+    (with ``cv.folds=K``: one such run per fold, `transfer.cv`)."""
+    if cfg.cv.folds:
+        from transfer.cv import cross_validate
+
+        return cross_validate(cfg)
     started = time.perf_counter()
     configure_process(cfg.runtime.malloc_tuning)
     run_dir = Path(cfg.paths.output_dir)

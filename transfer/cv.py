@@ -1,0 +1,198 @@
+"""k-fold cross-validation: ``python train.py cv.folds=5``.
+
+The test split is carved once, exactly as a plain run carves it, and never trained or validated
+on. The rest (the training part, validation included) is cut into K stratified folds; fold k is a
+complete run in ``<run>/fold_<k>/`` that validates (picks its checkpoints) on fold k and trains on
+the others, with the run's whole recipe. Then, from the folds' best checkpoints:
+
+* ``cv_summary.json``: every fold's test and validation metrics, their mean and standard deviation;
+  the out-of-fold metrics (each training image predicted by the one model that never trained on
+  it); the test metrics of the fold ensemble (the mean of the K models' class probabilities) beside
+  the mean single model's;
+* ``oof_predictions.csv`` and ``test_predictions.csv`` (the ensemble's), one row per image.
+
+With few images per class one validation split picks checkpoints on a handful of images and the
+test figure moves by points from seed to seed; the folds' spread shows how much, and the ensemble
+is usually better than any one fold's model. ``cv.resume=<earlier cv run dir>`` reuses the folds
+that finished there and trains only the missing ones, in the new run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+from sklearn.model_selection import StratifiedKFold
+
+from transfer.data.datamodule import ImageDataset
+from transfer.data.manifest import MANIFEST, write_manifest
+from transfer.data.splits import split_indices
+from transfer.errors import DataError, TransferError
+from transfer.inference import load_classifier
+from transfer.reports import write_csv
+
+log = logging.getLogger("transfer")
+
+
+def fold_splits(labels: np.ndarray, pool: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """The validation indices of each fold: a stratified, seeded partition of ``pool``."""
+    counts = np.bincount(labels[pool])
+    if counts[counts > 0].min() < folds:
+        raise DataError(f"cv.folds={folds} needs at least {folds} training images of every class; the smallest "
+                        f"class has {counts[counts > 0].min()}. Use fewer folds or more images.")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [pool[held_out] for _, held_out in splitter.split(pool, labels[pool])]
+
+
+def fold_config(cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: list[str], name: str) -> DictConfig:
+    """The run's config for one fold: its images and split from the fold's manifest, its own directory."""
+    fold = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(fold):
+        fold.paths.output_dir = str(fold_dir)
+        fold.cv.folds = None
+        fold.data.max_images = None  # the manifest holds the images already chosen
+        fold.data.source = {"_target_": "transfer.data.manifest.load_manifest", "path": str(manifest),
+                            "class_names": class_names, "name": name}
+    return fold
+
+
+@torch.inference_mode()
+def fold_probabilities(ckpt: str, paths: list[str], batch_size: int, num_workers: int) -> torch.Tensor:
+    """Class probabilities of one fold's best checkpoint on ``paths`` (the checkpoint's own preprocessing)."""
+    from torch.utils.data import DataLoader
+
+    classifier = load_classifier(ckpt)
+    dataset = ImageDataset(paths, np.zeros(len(paths), dtype=np.int64), classifier.transform)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return torch.cat([classifier.probabilities(images) for images, _ in loader])
+
+
+def scores(task: Any, probabilities: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    metrics = task.metrics(num_classes, "")(probabilities, torch.as_tensor(labels))
+    return {name: round(float(value), 6) for name, value in metrics.items()}
+
+
+def mean_and_sd(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    names = [name for name in values[0] if name != "loss"]
+    return {name: {"mean": round(float(np.mean([v[name] for v in values])), 6),
+                   "sd": round(float(np.std([v[name] for v in values], ddof=1)), 6) if len(values) > 1 else 0.0}
+            for name in names}
+
+
+def earlier_fold(resume: str | None, index: int) -> dict[str, Any] | None:
+    """A finished fold of an earlier cross-validation (its results.json), to reuse."""
+    if not resume:
+        return None
+    results = Path(resume).expanduser() / f"fold_{index}" / "results.json"
+    return json.loads(results.read_text()) if results.is_file() else None
+
+
+def cross_validate(cfg: DictConfig) -> dict[str, Any]:
+    from transfer.run import check_fresh_run_dir, run_images, train
+
+    run_dir = Path(cfg.paths.output_dir)
+    check_fresh_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folds = int(cfg.cv.folds)
+    if folds < 2:
+        raise TransferError(f"cv.folds={folds}: cross-validation needs at least 2 folds.")
+    if cfg.get("ckpt_path"):
+        raise TransferError("ckpt_path resumes one run; resume a cross-validation with cv.resume=<its run dir>.")
+    L.seed_everything(cfg.seed, workers=True)
+    table, _ = run_images(cfg, {}, run_dir)
+    carved = split_indices(table.labels, cfg.data.test_fraction, 0.0, cfg.seed, table.splits)
+    test, pool = carved["test"], np.sort(np.concatenate([carved["train"], carved["val"]]))
+    if len(test) == 0:
+        raise DataError("cv.folds needs a test split the folds never see; set data.test_fraction > 0.")
+    held_out = fold_splits(table.labels, pool, folds, cfg.seed)
+    log.info("Cross-validation: %d folds of %d training images (%s per fold), %d test images untouched",
+             folds, len(pool), [len(v) for v in held_out], len(test))
+
+    reports = []
+    for index, val in enumerate(held_out):
+        fold_dir = run_dir / f"fold_{index}"
+        reused = earlier_fold(cfg.cv.get("resume"), index)
+        if reused is not None:
+            log.info("Fold %d/%d: reusing %s", index + 1, folds, reused["run_dir"])
+            reports.append(reused)
+            continue
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        manifest = fold_dir / f"fold_{MANIFEST}"
+        write_fold_manifest(manifest, table, {"train": np.setdiff1d(pool, val), "val": val, "test": test})
+        log.info("Fold %d/%d: validating on %d images, training on %d", index + 1, folds, len(val), len(pool) - len(val))
+        reports.append(train(fold_config(cfg, fold_dir, manifest, table.class_names, table.name)))
+    summary = summarize(cfg, table, reports, held_out, test, run_dir)
+    return summary
+
+
+def write_fold_manifest(path: Path, table: Any, splits: dict[str, np.ndarray]) -> None:
+    """Every process writes the same file (under DDP each reads it as its fold's data source), each
+    to a temporary name first and then renamed over it, so no process ever reads a half-written one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    write_manifest(temporary, table, splits)
+    os.replace(temporary, path)
+
+
+def summarize(cfg: DictConfig, table: Any, reports: list[dict[str, Any]], held_out: list[np.ndarray],
+              test: np.ndarray, run_dir: Path) -> dict[str, Any]:
+    """Out-of-fold and fold-ensemble figures from the folds' best checkpoints; cv_summary.json."""
+    batch, workers = cfg.data.get("eval_batch_size") or cfg.data.batch_size, 0
+    names = table.class_names
+    task = load_classifier(reports[0]["best_checkpoint"]["path"]).task
+    test_paths = [table.paths[i] for i in test]
+    oof = torch.zeros(len(table.paths), len(names))
+    test_probabilities = []
+    for report, val in zip(reports, held_out):
+        ckpt = report["best_checkpoint"]["path"]
+        oof[val] = fold_probabilities(ckpt, [table.paths[i] for i in val], batch, workers)
+        test_probabilities.append(fold_probabilities(ckpt, test_paths, batch, workers))
+    pool = np.sort(np.concatenate(held_out))
+    ensemble = torch.stack(test_probabilities).mean(dim=0)
+    fold_tests = [report["test"] for report in reports]
+    summary = {
+        "folds": len(reports),
+        "fold_runs": [report["run_dir"] for report in reports],
+        "fold_test": fold_tests,
+        "fold_val": [{cfg.monitor.metric: report["best_checkpoint"]["score"]} for report in reports],
+        "test_single_model": mean_and_sd(fold_tests),
+        "test_ensemble": scores(task, ensemble, table.labels[test], len(names)),
+        "out_of_fold": scores(task, oof[pool], table.labels[pool], len(names)),
+        "train_images": int(len(pool)),
+        "test_images": int(len(test)),
+        "task": task.name,
+        "class_names": names,
+    }
+    write_outputs(run_dir, summary, table, pool, oof, test, ensemble, task)
+    single, together = summary["test_single_model"], summary["test_ensemble"]
+    log.info("Cross-validation over %d folds: test %s", len(reports), "  ".join(
+        f"{k} {v['mean']:.4f} +- {v['sd']:.4f}" for k, v in single.items()))
+    log.info("Fold ensemble (mean of %d models' probabilities) on the test split: %s", len(reports),
+             "  ".join(f"{k}={v:.4f}" for k, v in together.items()))
+    log.info("Out of fold (%d training images): %s", len(pool),
+             "  ".join(f"{k}={v:.4f}" for k, v in summary["out_of_fold"].items()))
+    log.info("Results: %s", run_dir / "cv_summary.json")
+    return summary
+
+
+@rank_zero_only
+def write_outputs(run_dir: Path, summary: dict[str, Any], table: Any, pool: np.ndarray, oof: torch.Tensor,
+                  test: np.ndarray, ensemble: torch.Tensor, task: Any) -> None:
+    names = table.class_names
+
+    def rows(indices: np.ndarray, probabilities: torch.Tensor) -> list[list[Any]]:
+        predicted = task.predicted(probabilities).tolist()
+        return [[table.paths[i], names[table.labels[i]], names[p], *[f"{x:.6f}" for x in row]]
+                for i, p, row in zip(indices, predicted, probabilities.tolist())]
+
+    header = ["path", "true", "predicted", *[f"p_{name}" for name in names]]
+    write_csv(run_dir / "oof_predictions.csv", header, rows(pool, oof[pool]))
+    write_csv(run_dir / "test_predictions.csv", header, rows(test, ensemble))
+    (run_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))
