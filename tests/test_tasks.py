@@ -102,7 +102,7 @@ def write_graded_folder(root: Path, per_class: int = 16, size: int = 40) -> Path
 def ordinal_run(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("ordinal")
     images = write_graded_folder(tmp_path / "images")
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "augment=none",
+    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "task.levels=[g0,g1,g2]", "augment=none",
                                     "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
                                     "schedule.stages.0.unfreeze=all"], tmp_path / "run"))  # random init: train it all
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
@@ -187,3 +187,25 @@ def test_panel_grade_metrics_from_a_confusion_matrix_match_scikit_learn() -> Non
     assert values["acc"] == pytest.approx(np.mean(np.array(truth) == np.array(guess)))
     assert values["mae"] == pytest.approx(np.mean(np.abs(np.array(truth) - np.array(guess))))
     assert values["qwk"] == pytest.approx(cohen_kappa_score(truth, guess, weights="quadratic"))
+
+
+def test_declared_levels_order_the_grades_and_unknown_labels_name_file_and_row(tmp_path: Path) -> None:
+    from transfer.data.sources import csv_manifest, image_folder
+    from transfer.errors import DataError
+
+    images = write_graded_folder(tmp_path / "images", per_class=3)
+    for old, new in (("g0", "low"), ("g1", "mid"), ("g2", "high")):
+        (images / old).rename(images / new)
+    table = image_folder(images)
+    assert table.class_names == ["high", "low", "mid"]  # sorted names are not grade order
+    arranged = Ordinal(levels=["low", "mid", "high"]).arrange(table)
+    assert arranged.class_names == ["low", "mid", "high"]
+    for path, label in zip(arranged.paths, arranged.labels):
+        assert Path(path).parent.name == arranged.class_names[label]
+    manifest = tmp_path / "labels.csv"
+    rows = [(p, Path(p).parent.name) for p in table.paths] + [(table.paths[0], "extreme")]
+    manifest.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rows))
+    with pytest.raises(DataError, match=r"'extreme', e\.g\. .*\(row 11 of .*labels\.csv\)"):
+        Ordinal(levels=["low", "mid", "high"]).arrange(csv_manifest(manifest))
+    with pytest.raises(DataError, match="at least two distinct"):
+        Ordinal(levels=["low", "low"])

@@ -29,6 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.model_selection import StratifiedKFold
 
@@ -108,6 +109,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
         raise TransferError("ckpt_path resumes one run; resume a cross-validation with cv.resume=<its run dir>.")
     L.seed_everything(cfg.seed, workers=True)
     table, _ = run_images(cfg, {}, run_dir)
+    table = instantiate(cfg.task).arrange(table)  # classes in the task's order, as every fold's model has them
     carved = split_indices(table.labels, cfg.data.test_fraction, 0.0, cfg.seed, table.splits)
     test, pool = carved["test"], np.sort(np.concatenate([carved["train"], carved["val"]]))
     if len(test) == 0:

@@ -77,11 +77,11 @@ def write_config(path: Path, cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig, num_classes: int, class_names: list[str], stages: list[Stage],
-                 image_paths: Sequence[str] = ()) -> tuple[ClassifierModule, dict[str, Any]]:
+                 image_paths: Sequence[str] = (), task: Task | None = None) -> tuple[ClassifierModule, dict[str, Any]]:
     # backbone.splitter (optional, `_partial_: true`): the model's parameter groups for the schedule.
     splitter = instantiate(cfg.backbone.splitter) if cfg.backbone.get("splitter") else None
     backbone = {k: v for k, v in cfg.backbone.items() if k not in ("splitter", "coarse_blocks")}
-    task: Task = instantiate(cfg.task)  # the head's size, loss, decoding and metrics
+    task = task if task is not None else instantiate(cfg.task)  # the head's size, loss, decoding and metrics
     if cfg.get("mixup") and not isinstance(task, Classification):
         raise TransferError(f"mixup blends one-hot class targets, which task={task.name} does not train on; "
                             "drop mixup=... .")
@@ -345,8 +345,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_feature_cache(cfg, stages)
     check_sync_batchnorm(cfg.trainer)
     start, resumed = resume_point(cfg.get("ckpt_path"))
+    task: Task = instantiate(cfg.task)
     table, skipped = run_images(cfg, resumed, run_dir)
-    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages, table.paths)
+    table = task.arrange(table)  # e.g. ordinal grades in their declared order
+    module, input_config = build_module(cfg, table.num_classes, table.class_names, stages, table.paths, task)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
     module.run_shape = run_shape(cfg)

@@ -149,7 +149,7 @@ def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_colum
         except KeyError as error:
             raise DataError(f"Unknown split {error} in column '{split_column}' of '{path}'; "
                             f"use one of {sorted(SPLIT_ALIASES)}.") from None
-    return ImageTable(paths, labels, class_names, splits, name=path.stem)
+    return ImageTable(paths, labels, class_names, splits, name=path.stem, extra={"csv": str(path)})
 
 
 ELPV_TASKS = {

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torchmetrics import MetricCollection
 
 from transfer.errors import TransferError
+
+if TYPE_CHECKING:
+    from transfer.data.sources import ImageTable
 
 
 class Task(ABC):
@@ -51,6 +54,10 @@ class Task(ABC):
     @abstractmethod
     def score(self, outputs: torch.Tensor, target: int) -> torch.Tensor:
         """The scalar of one image's outputs (shape 1 x outputs) that saliency maps explain for class ``target``."""
+
+    def arrange(self, table: "ImageTable") -> "ImageTable":
+        """The dataset's classes as this task needs them (e.g. in a declared order); unchanged by default."""
+        return table
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint records to rebuild the task (`transfer.tasks.task_from_state`)."""

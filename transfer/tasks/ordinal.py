@@ -12,12 +12,17 @@ Metrics: accuracy, mean absolute error in classes (``mae``), quadratic weighted 
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 from torchmetrics.wrappers import LambdaInputTransformer
 
+from transfer.data.sources import ImageTable
+from transfer.errors import DataError
 from transfer.metrics import IGNORE
 from transfer.tasks.base import Task
 
@@ -51,9 +56,39 @@ class MeanClassError(Metric):
 
 
 class Ordinal(Task):
-    """Ordered classes: K-1 cumulative binary outputs, binary cross-entropy, the median grade."""
+    """Ordered classes: K-1 cumulative binary outputs, binary cross-entropy, the median grade.
+
+    ``levels``: the grades, lowest first, as the data names them (folder or label names). Without
+    them the dataset's own class order is taken (sorted names for folders and CSVs), which is only
+    right when names sort in grade order.
+    """
 
     name = "ordinal"
+
+    def __init__(self, levels: Sequence[str] | None = None) -> None:
+        self.levels = list(levels) if levels is not None else None
+        if self.levels is not None and (len(self.levels) < 2 or len(set(self.levels)) != len(self.levels)):
+            raise DataError(f"task.levels={self.levels}: give at least two distinct grades, lowest first.")
+
+    def arrange(self, table: ImageTable) -> ImageTable:
+        """Classes in the declared grade order; a label outside the levels is an error naming its file."""
+        if self.levels is None:
+            return table
+        unknown = [name for name in table.class_names if name not in self.levels]
+        if unknown:
+            examples = []
+            for name in unknown[:5]:
+                row = int(np.flatnonzero(table.labels == table.class_names.index(name))[0])
+                where = f" (row {row + 2} of {table.extra['csv']})" if "csv" in table.extra else ""
+                examples.append(f"'{name}', e.g. {table.paths[row]}{where}")
+            raise DataError(f"Labels outside task.levels={self.levels}: " + "; ".join(examples)
+                            + ". Fix the labels, or add the grade to task.levels in its place.")
+        to_level = np.array([self.levels.index(name) for name in table.class_names], dtype=np.int64)
+        return ImageTable(table.paths, to_level[table.labels], list(self.levels), table.splits, table.name,
+                          table.extra)
+
+    def state(self) -> dict[str, Any]:
+        return {"name": self.name, "levels": self.levels}
 
     def outputs(self, num_classes: int) -> int:
         return num_classes - 1
