@@ -311,3 +311,16 @@ def test_commands_run_from_the_command_line(trained, tmp_path: Path) -> None:
                            f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "does not exist" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_the_runs_own_test_can_average_test_time_views_as_evaluate_does(tmp_path: Path) -> None:
+    images = write_image_folder(tmp_path / "images", per_class=12, size=48)
+    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "test_tta=flips"], tmp_path / "run"))
+    assert results["test_tta"] == "flips"
+    report = evaluate(command_config("evaluate", tmp_path / "eval", [f"ckpt={results['best_checkpoint']['path']}",
+                                                                    "tta=flips"]))
+    for name in ("acc", "f1", "auroc"):
+        assert report["metrics"][name] == pytest.approx(results["test"][name], abs=1e-6)
+    assert report["confusion_matrix"] == results["confusion_matrix"]
+    with pytest.raises(TransferError, match="Unknown test-time augmentation 'mirror'"):
+        train(compose_config([*FAST, "data=folder", f"data.root={images}", "test_tta=mirror"], tmp_path / "bad"))

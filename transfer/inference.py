@@ -21,12 +21,9 @@ import torch.nn as nn
 from transfer.backbone import check_model_name
 from transfer.data.transforms import eval_transform
 from transfer.errors import TransferError
-from transfer.symmetries import views_for
+from transfer.symmetries import tta_symmetries, views_for
 from transfer.tasks import Classification, Task, task_from_state
 
-# Test-time augmentation: the named view sets (`transfer.symmetries.views_for`); "auto" takes the
-# symmetries the model was trained with from its checkpoint.
-TTA_SYMMETRIES: dict[str, tuple[str, ...]] = {"none": (), "hflip": ("hflip",), "flips": ("hflip", "vflip")}
 
 
 @dataclass
@@ -52,10 +49,7 @@ class Classifier:
     def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """Class probabilities (the task's decoding) for a preprocessed NCHW batch, averaged over the
         TTA views (``auto``: the flips and turns the model was trained with, `transfer.symmetries`)."""
-        if tta != "auto" and tta not in TTA_SYMMETRIES:
-            raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of "
-                                f"{sorted([*TTA_SYMMETRIES, 'auto'])}.")
-        symmetries = self.symmetries if tta == "auto" else TTA_SYMMETRIES[tta]
+        symmetries = tta_symmetries(tta, self.symmetries)
         images = images.to(self.device)
         views = [self.task.probabilities(self.model(view(images))) for view in views_for(symmetries)]
         return torch.stack(views).mean(dim=0)

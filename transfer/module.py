@@ -17,6 +17,7 @@ from transfer.freezing import Splitter, Trainable, freeze_frozen_modules, set_tr
 from transfer.metrics import IGNORE
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
+from transfer.symmetries import tta_symmetries, views_for
 from transfer.tasks import Classification, Task
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class ClassifierModule(L.LightningModule):
         self.features_cached = False  # this stage's batches hold pooled features, not images
         # Flips and turns the training augmentation applies (`transfer.symmetries`), for tta=auto.
         self.symmetries: list[str] = []
+        # The run's own test averages class probabilities over these views (test_tta=...).
+        self.test_tta = "none"
         # The settings that make the run what it is (`transfer.resume.run_shape`), checked on resume.
         self.run_shape: dict[str, Any] = {}
         num_classes = len(self.class_names)
@@ -156,8 +159,11 @@ class ClassifierModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def _evaluation_step(self, batch: Any, loss_metric: MeanMetric) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and labels of a batch, its mean loss over real images into the loss metric."""
+    def _evaluation_step(self, batch: Any, loss_metric: MeanMetric, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and labels of a batch, its mean loss over real images into the loss metric.
+
+        ``tta``: the probabilities are averaged over the test-time views (`transfer.symmetries`);
+        the loss stays that of the images as they are."""
         images, labels = batch
         logits = self(images)
         real = labels != IGNORE
@@ -166,7 +172,12 @@ class ClassifierModule(L.LightningModule):
         weights = self.class_weights[labels[real]] if self.class_weights is not None else real.float()
         count = weights.sum()
         loss_metric.update(total / count.clamp(min=1e-12), weight=count)
-        return self.task.probabilities(logits), labels
+        views = views_for(tta_symmetries(tta, self.symmetries))[1:]
+        probabilities = self.task.probabilities(logits)
+        if views:
+            probabilities = torch.stack([probabilities, *(self.task.probabilities(self(view(images)))
+                                                          for view in views)]).mean(dim=0)
+        return probabilities, labels
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         probs, labels = self._evaluation_step(batch, self.val_loss)
@@ -175,7 +186,7 @@ class ClassifierModule(L.LightningModule):
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        probs, labels = self._evaluation_step(batch, self.test_loss)
+        probs, labels = self._evaluation_step(batch, self.test_loss, self.test_tta)
         self.test_metrics.update(probs, labels)
         self.test_confusion.update(self.task.predicted(probs), labels)
         self.log("test/loss", self.test_loss, on_epoch=True)

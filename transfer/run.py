@@ -39,7 +39,7 @@ from transfer.runtime import configure_process
 from transfer.resume import check_same_run, resume_point, run_shape
 from transfer.schedule import Stage, parse_stages
 from transfer.stage_bests import StageBests
-from transfer.symmetries import symmetries_of
+from transfer.symmetries import symmetries_of, tta_symmetries
 from transfer.sync_batchnorm import TimmSyncBatchNorm, check_sync_batchnorm
 from transfer.tasks import Classification, Task
 
@@ -342,6 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision(cfg.runtime.matmul_precision)
 
     stages = parse_stages(cfg.schedule.stages)
+    tta_symmetries(cfg.test_tta, ())  # an unknown name fails now, not after training
     check_feature_cache(cfg, stages)
     check_sync_batchnorm(cfg.trainer)
     start, resumed = resume_point(cfg.get("ckpt_path"))
@@ -360,6 +361,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_split(run_dir / MANIFEST, table, datamodule.splits)
     augment_choice = choose_augment(cfg, module, datamodule, run_dir)
     module.symmetries = symmetries_of(cfg.augment.get("train"))
+    module.test_tta = cfg.test_tta
     budget = plan_budget(cfg, module, datamodule, started)
     write_config(run_dir / "config.yaml", cfg)
     log_setup(cfg, datamodule, module)
@@ -395,6 +397,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "budget": budget.report if budget else None,
         "augment": augment_record(cfg, augment_choice, module.symmetries),
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
+        "test_tta": cfg.test_tta,
         "stages": stage_reports,
         "best_checkpoint": best,
         "test": test_metrics,

@@ -23,6 +23,21 @@ SYMMETRIES_OF = {
 }
 ORDER = ("hflip", "vflip", "rot90")
 
+# Test-time augmentation by name (``tta=`` in evaluate, predict and serve, ``test_tta=`` in training);
+# "auto" takes the symmetries the model was trained with.
+TTA_SYMMETRIES: dict[str, tuple[str, ...]] = {"none": (), "hflip": ("hflip",), "flips": ("hflip", "vflip")}
+
+
+def tta_symmetries(tta: str, trained_with: Iterable[str]) -> tuple[str, ...]:
+    """The symmetries test-time augmentation ``tta`` averages over."""
+    from transfer.errors import TransferError
+
+    if tta == "auto":
+        return tuple(trained_with)
+    if tta not in TTA_SYMMETRIES:
+        raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of {sorted([*TTA_SYMMETRIES, 'auto'])}.")
+    return TTA_SYMMETRIES[tta]
+
 
 def symmetries_of(nodes: Iterable[Mapping[str, Any]] | None) -> list[str]:
     """The symmetries in an augmentation list of ``_target_`` nodes, in a fixed order."""
