@@ -94,8 +94,9 @@ def test_installed_train_uses_a_users_own_config_folder(installed: tuple[Path, P
 def test_a_missing_extra_is_named_with_its_pip_command() -> None:
     from transfer.extras import install_hint, missing_extras
     nothing_installed = lambda module: False  # noqa: E731
-    asked = ["hparams_search=optuna", "logger=[csv,tensorboard]", "hydra/launcher=slurm", "logger=mlflow", "seed=1"]
-    assert missing_extras(asked, nothing_installed) == ["optuna", "tensorboard", "slurm", "mlflow"]
+    asked = ["hparams_search=optuna", "logger=[csv,tensorboard]", "hydra/launcher=slurm", "logger=mlflow", "seed=1",
+             "backbone=efficientnet_lite2"]
+    assert missing_extras(asked, nothing_installed) == ["optuna", "tensorboard", "slurm", "mlflow", "lite"]
     assert missing_extras(["logger=csv", "backbone=vgg16", "hydra/launcher=basic"], nothing_installed) == []
     assert missing_extras(asked) == []  # this environment has every extra (the dev extra)
     assert "pip install 'transfer[optuna,slurm]'" in install_hint(["optuna", "slurm"])

