@@ -21,6 +21,7 @@ FAST = [
     "backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false",
     "input.size=32", "augment=light", "data.num_workers=0", "data.batch_size=8",
     "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.stages.1.unfreeze=1",
+    "schedule.min_steps=0",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
 ]
 

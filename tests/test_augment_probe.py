@@ -25,7 +25,7 @@ from transfer.run import train
 
 PROBE_RUN = [
     "data=folder", "input.size=64", "data.num_workers=0", "data.batch_size=16", "data.test_fraction=0.2",
-    "schedule=head_only", "schedule.stages.0.epochs=1", "trainer.enable_progress_bar=false",
+    "schedule=head_only", "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false",
     "augment.probe.crop_scales=[0.5]", "augment.probe.folds=4",
 ]
 

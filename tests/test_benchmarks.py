@@ -35,7 +35,7 @@ def test_speed_benchmark_prints_every_row_and_the_target_ratios() -> None:
 
 def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) -> None:
     tiny = ["backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false", "input.size=32",
-            "data.num_workers=0", "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1",
+            "data.num_workers=0", "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.min_steps=0",
             "schedule.stages.1.unfreeze=1", "data.max_images=80"]
     done = subprocess.run(
         [sys.executable, "benchmarks/panel.py", "--datasets", "elpv_defective", "faces_few",

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 COMMON = [
     "backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false", "input.size=32",
     "augment=none", "data=folder", "data.num_workers=0", "data.test_fraction=0.2", "data.val_fraction=0.1",
-    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "schedule.stages.1.unfreeze=2",
+    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "schedule.stages.1.unfreeze=2", "schedule.min_steps=0",
     "schedule.stages.1.freeze_bn=true", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
 ]
 

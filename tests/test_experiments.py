@@ -42,7 +42,8 @@ def test_hotdog_experiment_is_the_d2l_recipe() -> None:
 def test_custom_folder_experiment_trains_on_a_folder(image_folder: Path, tmp_path: Path) -> None:
     """Command-line groups still beat the experiment's: a tiny model here instead of ConvNeXt."""
     cfg = compose_config(["experiment=custom_folder", *TINY_MODEL, f"data.root={image_folder}",
-                          "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1"], output_dir=tmp_path)
+                          "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.min_steps=0"],
+                         output_dir=tmp_path)
     results = train(cfg)
     assert results["class_weights"] is not None  # the recipe's class_weights=balanced
     assert results["dataset"] == "images" and len(results["stages"]) == 2

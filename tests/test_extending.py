@@ -66,7 +66,7 @@ def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--config-dir", "my_conf", "backbone=tiny", "data=parts",
          f"data.root={images}", "augment=rotate", "input.size=32", "data.num_workers=0", "data.batch_size=8",
-         "schedule=head_only", "schedule.stages.0.epochs=1", "trainer.enable_progress_bar=false"],
+         "schedule=head_only", "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()

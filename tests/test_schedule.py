@@ -207,3 +207,29 @@ def test_a_splitter_must_cover_every_parameter_once() -> None:
         set_trainable(model, 1, splitter=lambda m: [m[0], m[0], m[2]])
     trainable = set_trainable(model, 0, splitter=lambda m: [m[0], ["2.weight", "2.bias"]])
     assert trainable.groups == ("head: 2",) and not model[0].weight.requires_grad and model[2].weight.requires_grad
+
+
+def test_small_datasets_get_enough_epochs_for_the_minimum_steps() -> None:
+    from transfer.schedule import with_min_steps
+
+    stages = [Stage("head", 2, 0), Stage("finetune", 12, 3, lr=3e-4), Stage("own", 1, "all", min_steps=5)]
+    # one step per epoch (18 images, batch 32): 50 epochs each, the stage with its own minimum 5
+    assert [s.epochs for s in with_min_steps(stages, 1, default=50)] == [50, 50, 5]
+    # 55 steps per epoch (ELPV): nothing changes
+    assert [s.epochs for s in with_min_steps(stages, 55, default=50)] == [2, 12, 1]
+    assert [s.epochs for s in with_min_steps(stages, 1, default=0)] == [2, 12, 5]
+
+
+def test_steps_per_epoch_follow_the_loaders_batching(image_folder) -> None:
+    from tests.conftest import compose_config
+    from transfer.data.sources import image_folder as folder_source
+    from transfer.run import build_datamodule
+
+    cfg = compose_config(["data=folder", f"data.root={image_folder}", "augment=none", "input.size=32",
+                          "data.batch_size=8", "data.num_workers=0"])
+    datamodule = build_datamodule(cfg, folder_source(image_folder), {"size": [32, 32], "mean": [0.5] * 3,
+                                  "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"})
+    train_images = len(datamodule.splits["train"])
+    loader = datamodule.loader(datamodule.dataset("train"), True, None)
+    assert datamodule.train_steps_per_epoch() == len(loader) == train_images // 8
+    assert datamodule.train_steps_per_epoch(accumulate=2) == (train_images // 8) // 2

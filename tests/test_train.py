@@ -18,7 +18,8 @@ from tests.conftest import FAST, ROOT, compose_config
 from transfer.errors import TransferError
 from transfer.run import train
 
-HEAD_ONLY = [o for o in FAST if not o.startswith("schedule.")] + ["schedule=head_only", "schedule.stages.0.epochs=1"]
+HEAD_ONLY = [o for o in FAST if not o.startswith("schedule.")] + ["schedule=head_only", "schedule.stages.0.epochs=1",
+                                                                    "schedule.min_steps=0"]
 
 
 def test_two_stage_run_writes_a_complete_run_directory(image_folder: Path, tmp_path: Path) -> None:
@@ -58,6 +59,7 @@ def elpv_run(tmp_path: Path, name: str, pretrained: bool) -> dict:
     overrides = [
         "data.max_images=480", "input.size=128", "data.num_workers=0", f"backbone.pretrained={pretrained}",
         "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "trainer.enable_progress_bar=false",
+        "schedule.min_steps=0",
     ]
     return train(compose_config(overrides, output_dir=tmp_path / name))
 

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from transfer.augment_probe import choose_augmentation, settings_from
 from transfer.budget import Budget, check_single_process
@@ -37,7 +37,7 @@ from transfer.lr_find import find_stage_lr
 from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
 from transfer.resume import check_same_run, resume_point, run_shape
-from transfer.schedule import Stage, parse_stages
+from transfer.schedule import Stage, parse_stages, with_min_steps
 from transfer.stage_bests import StageBests
 from transfer.symmetries import symmetries_of, tta_symmetries
 from transfer.sync_batchnorm import TimmSyncBatchNorm, check_sync_batchnorm
@@ -131,6 +131,13 @@ def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path) -> tuple
 @rank_zero_only
 def write_split(path: Path, table: ImageTable, splits: dict[str, Any]) -> None:
     write_manifest(path, table, splits)
+
+
+def processes_of(trainer: DictConfig) -> int:
+    """Training processes the trainer config asks for (devices x nodes; 1 where devices is "auto")."""
+    devices = trainer.get("devices", 1)
+    count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, ListConfig)) else 1
+    return max(1, count) * int(trainer.get("num_nodes") or 1)
 
 
 def is_dry_run(cfg: DictConfig) -> bool:
@@ -358,6 +365,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for line in allowed:
             log.warning("Resuming with a changed setting (resume_allow_changes=true): %s", line)
     datamodule = build_datamodule(cfg, table, input_config)
+    module.stages = with_min_steps(module.stages, datamodule.train_steps_per_epoch(
+        processes_of(cfg.trainer), int(cfg.trainer.get("accumulate_grad_batches") or 1)), cfg.schedule.min_steps)
     write_split(run_dir / MANIFEST, table, datamodule.splits)
     augment_choice = choose_augment(cfg, module, datamodule, run_dir)
     module.symmetries = symmetries_of(cfg.augment.get("train"))

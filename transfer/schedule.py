@@ -11,10 +11,14 @@ stage recorded in its checkpoint before training continues.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import logging
+import math
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
 from transfer.errors import ScheduleError
+
+log = logging.getLogger("transfer")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class Stage:
     layer_decay: float | None = None  # timm layer-wise LR decay inside the stage (e.g. 0.7)
     freeze_bn: bool = False      # keep BatchNorm statistics frozen in unfrozen blocks too
     patience: int | None = None  # stop the stage after this many epochs without a better val metric
+    # At least this many optimizer steps (null: the schedule's min_steps): on a small dataset an epoch
+    # is a step or two, and a schedule written in epochs would hardly train (`with_min_steps`).
+    min_steps: int | None = None
 
 
 def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
@@ -50,3 +57,18 @@ def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
     if len({s.name for s in parsed}) != len(parsed):
         raise ScheduleError("Stage names must be unique; they name checkpoints and log rows.")
     return parsed
+
+
+def with_min_steps(stages: Iterable[Stage], steps_per_epoch: int, default: int = 0) -> list[Stage]:
+    """The stages with enough epochs for their ``min_steps`` (``default`` where a stage sets none) at
+    ``steps_per_epoch`` optimizer steps per epoch."""
+    lengthened = []
+    for stage in stages:
+        min_steps = stage.min_steps if stage.min_steps is not None else default
+        needed = math.ceil(min_steps / max(1, steps_per_epoch))
+        if needed > stage.epochs:
+            log.info("Stage '%s': %d epoch(s) of %d step(s) are fewer than min_steps=%d: %d epochs.",
+                     stage.name, stage.epochs, steps_per_epoch, min_steps, needed)
+            stage = replace(stage, epochs=needed)
+        lengthened.append(stage)
+    return lengthened

@@ -180,6 +180,12 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataError(f"The {name} split of '{table.name}' is empty; it has "
                                 f"{len(table.labels)} images. Add images or change data.val_fraction.")
 
+    def train_steps_per_epoch(self, processes: int = 1, accumulate: int = 1) -> int:
+        """Optimizer steps per training epoch, as `loader` batches each process's share."""
+        share = -(-len(self.splits["train"]) // processes)
+        batches = share // self.batch_size if share > self.batch_size else 1
+        return max(1, batches // accumulate)
+
     def split_counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split, for the run log and results file."""
         return {name: dict(zip(self.table.class_names,
