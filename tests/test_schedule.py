@@ -233,3 +233,25 @@ def test_steps_per_epoch_follow_the_loaders_batching(image_folder) -> None:
     loader = datamodule.loader(datamodule.dataset("train"), True, None)
     assert datamodule.train_steps_per_epoch() == len(loader) == train_images // 8
     assert datamodule.train_steps_per_epoch(accumulate=2) == (train_images // 8) // 2
+
+
+def test_a_tie_in_the_validation_score_keeps_the_later_checkpoint() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from transfer.stage_bests import LatestBestCheckpoint, StageBests
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda decision: decision))
+    for mode, best, tie, worse in (("max", 1.0, 1.0, 0.5), ("min", 0.2, 0.2, 0.3)):
+        ours, lightnings = (LatestBestCheckpoint(monitor="val/acc", mode=mode, save_top_k=1),
+                            ModelCheckpoint(monitor="val/acc", mode=mode, save_top_k=1))
+        for callback in (ours, lightnings):
+            callback.best_k_models, callback.kth_best_model_path = {"epoch00.ckpt": torch.tensor(best)}, "epoch00.ckpt"
+        assert ours.check_monitor_top_k(trainer, torch.tensor(tie))
+        assert not lightnings.check_monitor_top_k(trainer, torch.tensor(tie))  # Lightning keeps the first
+        assert not ours.check_monitor_top_k(trainer, torch.tensor(worse))
+    bests = StageBests("max")
+    bests.records = [{"stage": "head", "path": "h.ckpt", "score": 1.0}, {"stage": "finetune", "path": "f.ckpt", "score": 1.0},
+                     {"stage": "extra", "path": "e.ckpt", "score": 0.5}]
+    assert bests.best()["stage"] == "finetune"

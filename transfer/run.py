@@ -38,7 +38,7 @@ from transfer.module import ClassifierModule
 from transfer.runtime import configure_process
 from transfer.resume import check_same_run, resume_point, run_shape
 from transfer.schedule import Stage, parse_stages, with_min_steps
-from transfer.stage_bests import StageBests
+from transfer.stage_bests import LatestBestCheckpoint, StageBests
 from transfer.symmetries import symmetries_of, tta_symmetries
 from transfer.sync_batchnorm import TimmSyncBatchNorm, check_sync_batchnorm
 from transfer.tasks import Classification, Task
@@ -269,8 +269,8 @@ def fit_stage(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataMo
     log.info("Stage %d/%d '%s': %s%s", index + 1, len(module.stages), stage.name, trainable.describe(),
              ", on cached backbone features" if cached else "")
     data = features if cached else datamodule
-    best = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
-                           monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
+    best = LatestBestCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename=f"{stage.name}-epoch{{epoch:02d}}",
+                                monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False)
     # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
     # saves when the monitored metric improved, which would leave a stale resume point.
     latest = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from transfer.errors import TransferError
@@ -22,6 +23,27 @@ Record = dict[str, Any]  # {"stage": name, "path": checkpoint file, "score": mon
 
 def better(score: float, than: float, mode: str) -> bool:
     return score > than if mode == "max" else score < than
+
+
+class LatestBestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``save_top_k=1``), except that an epoch that ties the best
+    score so far replaces it: the later epoch has trained longer for the same validation score.
+
+    Ties are what small validation splits produce: on 2 validation images accuracy takes three
+    values, reaches 1.0 after a step or two and stays there, and keeping the first such epoch would
+    test a model that has hardly trained. On a validation split of hundreds of images ties are rare
+    and this changes nothing.
+    """
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is None:
+            return False
+        if self.save_top_k == -1 or len(self.best_k_models) < self.save_top_k:
+            return True
+        at_least = {"min": torch.le, "max": torch.ge}[self.mode]
+        decision = bool(at_least(current, self.best_k_models[self.kth_best_model_path]))
+        # With several processes, all must agree (as Lightning's own check does).
+        return trainer.strategy.reduce_boolean_decision(decision)
 
 
 def record_of(stage: str, checkpoint: ModelCheckpoint) -> Record:
@@ -65,12 +87,12 @@ class StageBests(L.Callback):
         return record
 
     def best(self) -> Record:
-        """The best checkpoint over all finished stages."""
+        """The best checkpoint over all finished stages (of equal scores, the later one)."""
         scored = [r for r in self.records if r.get("path") and r.get("score") is not None]
         if not scored:
             raise TransferError("No checkpoint was saved: did any validation run? Check the monitor metric.")
         best = scored[0]
         for record in scored[1:]:
-            if better(record["score"], best["score"], self.mode):
+            if not better(best["score"], record["score"], self.mode):  # a tie goes to the later stage
                 best = record
         return best
