@@ -32,7 +32,7 @@ def check_model_name(name: str) -> None:
 
 
 def create_backbone(name: str, num_classes: int, pretrained: bool = True, weights: str = "auto",
-                    **model_kwargs) -> nn.Module:
+                    splitter: object = None, coarse_blocks: bool = True, **model_kwargs) -> nn.Module:
     """A timm classifier for ``num_classes`` classes.
 
     ``weights`` picks the source when ``pretrained``: ``auto`` (packaged if a package ships
@@ -40,7 +40,8 @@ def create_backbone(name: str, num_classes: int, pretrained: bool = True, weight
     cached after the first download), ``packaged`` (weights shipped in a pip package, see
     `weights.PACKAGED`), ``local-dir:PATH`` (a folder in timm's format), or a local file path or
     http(s) URL. Extra keyword arguments
-    (drop_rate, drop_path_rate, ...) go to ``timm.create_model``.
+    (drop_rate, drop_path_rate, ...) go to ``timm.create_model``. ``splitter`` and ``coarse_blocks``
+    live in the backbone config but configure the freezing schedule (`transfer.freezing`), not the model.
     """
     check_model_name(name)
     if not pretrained:
