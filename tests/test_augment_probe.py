@@ -99,6 +99,7 @@ def test_probe_rejects_mirroring_when_it_changes_the_class(tmp_path: Path) -> No
     assert not repeat.augment.get("auto") and list(repeat.augment.train) == results["augment"]["train"]
 
 
+@pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
 def test_probe_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=16)
     first = probe_run(root, tmp_path / "a")["augment"]
@@ -173,6 +174,7 @@ def test_decision_rules_and_the_pipeline_they_build() -> None:
     assert nodes[0]["max_size"] == 36  # the evaluation geometry: 32 / 0.875
 
 
+@pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
 def test_a_probe_that_keeps_nothing_leaves_the_run_as_augment_none(tmp_path: Path) -> None:
     """The probe's loaders must not shift the random state the training draws from."""
     root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=16)

@@ -169,6 +169,7 @@ def test_lr_finder_sets_the_first_stages_lr_and_saves_its_plot(image_folder: Pat
     assert not list(tmp_path.glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone
 
 
+@pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
 def test_lr_finder_can_scale_the_later_stages_by_the_same_factor(image_folder: Path, tmp_path: Path) -> None:
     cfg = compose_config([*FAST, "data=folder", f"data.root={image_folder}", "lr_find.enabled=true",
                           "lr_find.num_training=24", "lr_find.scale_later_stages=true",
