@@ -61,7 +61,7 @@ def test_fast_dev_run_runs_every_stage_on_one_batch_and_keeps_no_checkpoint(imag
     assert sum(map(sum, results["confusion_matrix"])) == tested
 
 
-@pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
+@pytest.mark.slow  # 40 epochs: in CI, not in the developer's loop
 def test_overfit_memorises_one_batch(image_folder: Path, tmp_path: Path) -> None:
     """The sanity check it exists for: a model that can learn reaches train/acc 1.0 on one batch."""
     cfg = compose_config([*TINY_MODEL, "debug=overfit", "data=folder", f"data.root={image_folder}",
