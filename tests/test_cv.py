@@ -83,6 +83,11 @@ def test_out_of_fold_and_ensemble_predictions_come_from_the_right_models(cv_run:
         values = [t[name] for t in summary["fold_test"]]
         assert summary["test_single_model"][name]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
         assert summary["test_single_model"][name]["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
+    from transfer.commands import sweep_objective
+
+    folds_val = [json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["score"]
+                 for run in summary["fold_runs"]]
+    assert sweep_objective(summary) == pytest.approx(np.mean(folds_val))  # what `python train.py` returns
     saved = json.loads((run_dir / "cv_summary.json").read_text())
     assert saved["test_ensemble"] == summary["test_ensemble"]
 

@@ -66,7 +66,10 @@ def command(config_name: str, job_path: str, answer: Callable[[Any], Any] = lamb
 
 
 def sweep_objective(results: dict[str, Any]) -> float | None:
-    """What Hydra sweepers (Optuna) optimise: the best validation score, never a test metric."""
+    """What Hydra sweepers (Optuna) optimise: the best validation score, never a test metric; for a
+    cross-validation (`transfer.cv`) the mean of the folds' best validation scores."""
+    if "folds" in results:
+        return results["val_mean"]
     return results["best_checkpoint"]["score"]
 
 

@@ -164,6 +164,8 @@ def summarize(cfg: DictConfig, table: Any, reports: list[dict[str, Any]], held_o
         "fold_runs": [report["run_dir"] for report in reports],
         "fold_test": fold_tests,
         "fold_val": [{cfg.monitor.metric: report["best_checkpoint"]["score"]} for report in reports],
+        # the monitored validation score, averaged over the folds (what a hyperparameter search optimises)
+        "val_mean": float(np.mean([report["best_checkpoint"]["score"] for report in reports])),
         "test_single_model": mean_and_sd(fold_tests),
         "test_ensemble": scores(task, ensemble, table.labels[test], len(names)),
         "out_of_fold": scores(task, oof[pool], table.labels[pool], len(names)),
