@@ -24,7 +24,7 @@ from transfer.errors import TransferError
 from transfer.run import train
 
 PROBE_RUN = [
-    "data=folder", "input.size=64", "data.num_workers=0", "data.batch_size=16", "data.test_fraction=0.2",
+    "data=folder", "input.size=64", "data.num_workers=0", "data.batch_size=16", "data.test_fraction=0.1",
     "schedule=head_only", "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false",
     "augment.probe.crop_scales=[0.5]", "augment.probe.folds=4",
 ]
@@ -101,7 +101,7 @@ def test_probe_rejects_mirroring_when_it_changes_the_class(tmp_path: Path) -> No
 
 @pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
 def test_probe_is_deterministic_for_a_seed(tmp_path: Path) -> None:
-    root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=16)
+    root = write_folder(tmp_path / "arrows", arrow, ("left", "right"))
     first = probe_run(root, tmp_path / "a")["augment"]
     second = probe_run(root, tmp_path / "b")["augment"]
     assert first["evidence"] == second["evidence"] and first["train"] == second["train"]
@@ -183,3 +183,12 @@ def test_a_probe_that_keeps_nothing_leaves_the_run_as_augment_none(tmp_path: Pat
     plain = train(compose_config([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], output_dir=tmp_path / "none"))
     assert nothing["test"] == plain["test"]
     assert nothing["best_checkpoint"]["score"] == plain["best_checkpoint"]["score"]
+
+
+def test_too_few_images_to_probe_train_without_augmentation(tmp_path: Path) -> None:
+    # 2 x 12 images, 19 of them training/validation: one image is 5 points of the probe's accuracy,
+    # more than its 2-point tolerance, so it cannot show any transform is safe.
+    root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=12)
+    results = probe_run(root, tmp_path / "run")
+    assert results["augment"]["train"] is None and results["augment"]["evidence"] == {}
+    assert "too few images" in results["augment"]["reason"]

@@ -24,6 +24,7 @@ seconds of closed-form fits; everything is seeded, so a seed gives one decision.
 
 from __future__ import annotations
 
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ class ProbeSettings:
     recognition_tolerance: float = 0.02  # how much worse transformed images may be recognised
     crop_scales: tuple[float, ...] = (0.7, 0.35)  # RandomResizedCrop lower scales, mildest first
     colour: bool = True           # also probe brightness/contrast/saturation/hue changes
+
+    @property
+    def min_images(self) -> int:
+        """Below this many probed images one image weighs more than the recognition tolerance
+        (50 at 2 points), so the probe cannot show that any view is safe."""
+        return math.ceil(1.0 / self.recognition_tolerance - 1e-9)
 
 
 def _turn(image: np.ndarray, **_: Any) -> np.ndarray:
@@ -233,6 +240,13 @@ def choose_augmentation(model: nn.Module, datamodule: ImageDataModule, input_con
     rows = probe_rows(datamodule, settings.max_images, seed)
     labels = datamodule.table.labels[rows]
     folds = min(settings.folds, int(np.bincount(labels).min()))
+    if len(rows) < settings.min_images:
+        log.warning("augment=auto: %d training/validation images are too few to probe (one image is %.1f points "
+                    "of the probe's accuracy, more than its %.0f-point tolerance; it needs %d): training "
+                    "without augmentation. Choose one with augment=... if you know your labels survive it.",
+                    len(rows), 100 / len(rows), 100 * settings.recognition_tolerance, settings.min_images)
+        return {"train": None, "evidence": {}, "images": len(rows), "folds": 0,
+                "reason": f"too few images to probe (fewer than {settings.min_images})"}
     if folds < 2:
         log.warning("augment=auto: a class has fewer than 2 training/validation images, too few to "
                     "probe; training without augmentation.")
