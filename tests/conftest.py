@@ -35,6 +35,15 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     return cfg
 
 
+def command_config(name: str, out_dir: Path, overrides: list[str]) -> DictConfig:
+    """conf/<name>.yaml (evaluate, predict, explain, export) composed with ``overrides``, writing to ``out_dir``."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
 def make_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     """Class 0: dark with horizontal stripes; class 1: bright with vertical stripes; plus noise."""
     base = np.zeros((size, size), dtype=np.float32)

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from PIL import Image
 
-from tests.conftest import FAST, ROOT, compose_config, write_image_folder
+from tests.conftest import FAST, ROOT, command_config, compose_config, write_image_folder
 from transfer.errors import DataError, TransferError
 from transfer.evaluate import evaluate
 from transfer.explain import explain_files
@@ -37,17 +36,6 @@ def trained(tmp_path_factory) -> dict:
     results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "schedule.stages.0.epochs=2",
                                     "schedule.stages.1.epochs=2"], run_dir))
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
-
-
-def command_config(name: str, out_dir: Path, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from tests.conftest import FAST, ROOT, compose_config
+from tests.conftest import FAST, ROOT, command_config, compose_config
 from transfer.errors import TransferError
 from transfer.evaluate import evaluate
 from transfer.explain import explain_files
@@ -106,17 +106,6 @@ def ordinal_run(tmp_path_factory) -> dict:
                                     "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
                                     "schedule.stages.0.unfreeze=all"], tmp_path / "run"))  # random init: train it all
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
-
-
-def command_config(name: str, out_dir: Path, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
 
 
 def test_ordinal_run_trains_k_minus_one_outputs_and_reports_grade_metrics(ordinal_run: dict) -> None:

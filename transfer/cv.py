@@ -65,15 +65,14 @@ def fold_config(cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: li
     return fold
 
 
-@torch.inference_mode()
-def fold_probabilities(ckpt: str, paths: list[str], batch_size: int, num_workers: int) -> torch.Tensor:
+def fold_probabilities(ckpt: str, paths: list[str], batch_size: int, num_workers: int,
+                       classifier: Any = None) -> torch.Tensor:
     """Class probabilities of one fold's best checkpoint on ``paths`` (the checkpoint's own preprocessing)."""
-    from torch.utils.data import DataLoader
+    from transfer.evaluate import probabilities_for
 
-    classifier = load_classifier(ckpt)
+    classifier = classifier or load_classifier(ckpt)
     dataset = ImageDataset(paths, np.zeros(len(paths), dtype=np.int64), classifier.transform)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    return torch.cat([classifier.probabilities(images) for images, _ in loader])
+    return probabilities_for(classifier, dataset, batch_size, num_workers, "none")
 
 
 def scores(task: Any, probabilities: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -154,8 +153,9 @@ def summarize(cfg: DictConfig, table: Any, reports: list[dict[str, Any]], held_o
     test_probabilities = []
     for report, val in zip(reports, held_out):
         ckpt = report["best_checkpoint"]["path"]
-        oof[val] = fold_probabilities(ckpt, [table.paths[i] for i in val], batch, workers)
-        test_probabilities.append(fold_probabilities(ckpt, test_paths, batch, workers))
+        classifier = load_classifier(ckpt)  # once per fold, for its held-out images and the test split
+        oof[val] = fold_probabilities(ckpt, [table.paths[i] for i in val], batch, workers, classifier)
+        test_probabilities.append(fold_probabilities(ckpt, test_paths, batch, workers, classifier))
     pool = np.sort(np.concatenate(held_out))
     ensemble = torch.stack(test_probabilities).mean(dim=0)
     fold_tests = [report["test"] for report in reports]
