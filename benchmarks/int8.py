@@ -59,7 +59,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     classifier = load_classifier(args.ckpt, "cpu")
-    table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test")
+    table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test",
+                                          classifier.task)
     images = np.stack([classifier.preprocess(load_rgb(table.paths[i])).numpy() for i in indices[:96]])
     images = np.concatenate([images] * -(-96 // len(images)))[:96]  # timing needs 64 images: repeat a small split
     threads = args.threads or torch.get_num_threads()

@@ -133,8 +133,11 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from transfer.evaluate import evaluation_images
+    from transfer.inference import load_classifier
 
-    table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test")
+    task = load_classifier(args.ckpt, "cpu").task
+    table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test",
+                                          task)
     images = [Path(table.paths[i]) for i in indices[:32]]
     bodies = [json.dumps({"image": base64.b64encode(p.read_bytes()).decode("ascii")}).encode() for p in images]
 

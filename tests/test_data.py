@@ -74,16 +74,16 @@ def test_csv_manifest_resolves_relative_paths(tmp_path: Path) -> None:
 def test_elpv_tasks_match_the_published_label_counts() -> None:
     binary = elpv("defective")
     assert len(binary.paths) == 2624
-    assert binary.class_counts() == {"functional": 1508 + 295, "defective": 106 + 715}
-    assert elpv("severity").class_counts() == {"p0": 1508, "p1_3": 295, "p2_3": 106, "p1": 715}
-    assert sum(elpv("cell_type").class_counts().values()) == 2624
+    assert binary.counts() == {"functional": 1508 + 295, "defective": 106 + 715}
+    assert elpv("severity").counts() == {"p0": 1508, "p1_3": 295, "p2_3": 106, "p1": 715}
+    assert sum(elpv("cell_type").counts().values()) == 2624
     image = load_rgb(binary.paths[0])
     assert image.shape == (300, 300, 3) and image.dtype == np.uint8
 
 
 def test_subsample_is_stratified() -> None:
     table = subsample(elpv("defective"), 400, seed=0)
-    counts = table.class_counts()
+    counts = table.counts()
     assert abs(sum(counts.values()) - 400) <= 2
     assert abs(counts["defective"] / 400 - 821 / 2624) < 0.02
 

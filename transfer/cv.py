@@ -44,7 +44,13 @@ log = logging.getLogger("transfer")
 
 
 def fold_splits(labels: np.ndarray, pool: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
-    """The validation indices of each fold: a stratified, seeded partition of ``pool``."""
+    """The validation indices of each fold: a stratified, seeded partition of ``pool``; ``labels``
+    are classes (or strata), or a 0/1 tag matrix (iterative stratification, `transfer.data.splits`)."""
+    if labels.ndim == 2:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return [pool[np.sort(held_out)] for _, held_out in splitter.split(np.zeros(len(pool)), labels[pool])]
     counts = np.bincount(labels[pool])
     if counts[counts > 0].min() < folds:
         raise DataError(f"cv.folds={folds} needs at least {folds} training images of every class; the smallest "
@@ -53,7 +59,8 @@ def fold_splits(labels: np.ndarray, pool: np.ndarray, folds: int, seed: int) -> 
     return [pool[held_out] for _, held_out in splitter.split(pool, labels[pool])]
 
 
-def fold_config(cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: list[str], name: str) -> DictConfig:
+def fold_config(cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: list[str] | None,
+                name: str) -> DictConfig:
     """The run's config for one fold: its images and split from the fold's manifest, its own directory."""
     fold = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     with open_dict(fold):
@@ -67,7 +74,8 @@ def fold_config(cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: li
 
 def fold_probabilities(ckpt: str, paths: list[str], batch_size: int, num_workers: int,
                        classifier: Any = None) -> torch.Tensor:
-    """Class probabilities of one fold's best checkpoint on ``paths`` (the checkpoint's own preprocessing)."""
+    """Decoded outputs (class probabilities, tag probabilities, values) of one fold's best checkpoint
+    on ``paths`` (the checkpoint's own preprocessing)."""
     from transfer.evaluate import probabilities_for
 
     classifier = classifier or load_classifier(ckpt)
@@ -76,6 +84,7 @@ def fold_probabilities(ckpt: str, paths: list[str], batch_size: int, num_workers
 
 
 def scores(task: Any, probabilities: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """The task's metrics of decoded outputs against ``labels`` (class indices or targets)."""
     metrics = task.metrics(num_classes, "")(probabilities, torch.as_tensor(labels))
     return {name: round(float(value), 6) for name, value in metrics.items()}
 
@@ -107,13 +116,13 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("ckpt_path"):
         raise TransferError("ckpt_path resumes one run; resume a cross-validation with cv.resume=<its run dir>.")
     L.seed_everything(cfg.seed, workers=True)
-    table, _ = run_images(cfg, {}, run_dir)
-    table = instantiate(cfg.task).arrange(table)  # classes in the task's order, as every fold's model has them
-    carved = split_indices(table.labels, cfg.data.test_fraction, 0.0, cfg.seed, table.splits)
+    # Labels as the task reads them (classes in its order, tags, values), as every fold's model has them.
+    table, _ = run_images(cfg, {}, run_dir, instantiate(cfg.task))
+    carved = split_indices(table.stratify_on(), cfg.data.test_fraction, 0.0, cfg.seed, table.splits)
     test, pool = carved["test"], np.sort(np.concatenate([carved["train"], carved["val"]]))
     if len(test) == 0:
         raise DataError("cv.folds needs a test split the folds never see; set data.test_fraction > 0.")
-    held_out = fold_splits(table.labels, pool, folds, cfg.seed)
+    held_out = fold_splits(table.stratify_on(), pool, folds, cfg.seed)
     log.info("Cross-validation: %d folds of %d training images (%s per fold), %d test images untouched",
              folds, len(pool), [len(v) for v in held_out], len(test))
 
@@ -129,7 +138,8 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
         manifest = fold_dir / f"fold_{MANIFEST}"
         write_fold_manifest(manifest, table, {"train": np.setdiff1d(pool, val), "val": val, "test": test})
         log.info("Fold %d/%d: validating on %d images, training on %d", index + 1, folds, len(val), len(pool) - len(val))
-        reports.append(train(fold_config(cfg, fold_dir, manifest, table.class_names, table.name)))
+        classes = table.class_names if table.kind == "classes" else None  # tags and values are parsed again
+        reports.append(train(fold_config(cfg, fold_dir, manifest, classes, table.name)))
     summary = summarize(cfg, table, reports, held_out, test, run_dir)
     return summary
 
@@ -167,8 +177,8 @@ def summarize(cfg: DictConfig, table: Any, reports: list[dict[str, Any]], held_o
         # the monitored validation score, averaged over the folds (what a hyperparameter search optimises)
         "val_mean": float(np.mean([report["best_checkpoint"]["score"] for report in reports])),
         "test_single_model": mean_and_sd(fold_tests),
-        "test_ensemble": scores(task, ensemble, table.labels[test], len(names)),
-        "out_of_fold": scores(task, oof[pool], table.labels[pool], len(names)),
+        "test_ensemble": scores(task, ensemble, table.answers(test), len(names)),
+        "out_of_fold": scores(task, oof[pool], table.answers(pool), len(names)),
         "train_images": int(len(pool)),
         "test_images": int(len(test)),
         "task": task.name,
@@ -192,11 +202,10 @@ def write_outputs(run_dir: Path, summary: dict[str, Any], table: Any, pool: np.n
     names = table.class_names
 
     def rows(indices: np.ndarray, probabilities: torch.Tensor) -> list[list[Any]]:
-        predicted = task.predicted(probabilities).tolist()
-        return [[table.paths[i], names[table.labels[i]], names[p], *[f"{x:.6f}" for x in row]]
-                for i, p, row in zip(indices, predicted, probabilities.tolist())]
+        return [[table.paths[i], task.true_text(table.answers(np.array([i]))[0], names),
+                 *task.prediction_cells(row, names)] for i, row in zip(indices, probabilities)]
 
-    header = ["path", "true", "predicted", *[f"p_{name}" for name in names]]
+    header = ["path", "true", *task.prediction_header(names)]
     write_csv(run_dir / "oof_predictions.csv", header, rows(pool, oof[pool]))
     write_csv(run_dir / "test_predictions.csv", header, rows(test, ensemble))
     (run_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))

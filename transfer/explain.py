@@ -61,7 +61,7 @@ def images_to_explain(cfg: DictConfig) -> list[Path]:
     if manifest is None:
         raise TransferError(f"split={cfg.split} needs the run's {MANIFEST} next to '{cfg.ckpt}' "
                             "(runs write it); pass inputs=... instead.")
-    return [Path(p) for p in load_manifest(manifest, splits=[cfg.split]).paths]
+    return [Path(p) for p in load_manifest(manifest, splits=[cfg.split]).paths]  # labels unread: paths only
 
 
 def explain_files(cfg: DictConfig) -> dict[str, Any]:
@@ -83,12 +83,12 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
             maps[method], explained = explain(classifier.model, image, method, target, classifier.task)
         name = classifier.class_names[explained]
         panel = out_dir / f"{index:04d}_{path.stem}.png"
-        predicted = int(classifier.predicted(probs[None])[0])
+        cells = classifier.task.prediction_cells(probs.cpu(), classifier.class_names)
         save_panel(panel, model_view(image, classifier.input_config), maps,
-                   f"{path.name}: predicted {classifier.class_names[predicted]} ({probs[predicted]:.2f}); "
-                   f"maps for '{name}'")
-        rows.append([str(path), panel.name, classifier.class_names[predicted], f"{probs[predicted]:.6f}", name])
-    write_csv(out_dir / "explanations.csv", ["path", "panel", "predicted", "confidence", "explained_class"], rows)
+                   f"{path.name}: predicted {cells[0] or '-'}; maps for '{name}'")
+        rows.append([str(path), panel.name, *cells, name])
+    header = ["path", "panel", *classifier.task.prediction_header(classifier.class_names), "explained_class"]
+    write_csv(out_dir / "explanations.csv", header, rows)
     for path, error in unreadable:
         log.warning("Skipped unreadable %s: %s", path, error)
     log.info("%d panel(s) (%s) in %s", len(rows), ", ".join(methods), out_dir)

@@ -47,6 +47,7 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
         "layout": "NCHW float32, batch dimension dynamic",
         "input_name": "image",
         "task": classifier.task.name,
+        "task_state": classifier.task.state(),  # e.g. per-tag thresholds, regression targets' mean and std
         "output": classifier.task.describe_output(),
         "class_names": classifier.class_names,
         "backbone": classifier.backbone,
@@ -110,7 +111,7 @@ def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor
     else:
         from transfer.evaluate import evaluation_images
 
-        table, indices, _ = evaluation_images(cfg, "test")
+        table, indices, _ = evaluation_images(cfg, "test", classifier.task)
         paths = [table.paths[i] for i in indices]
     paths = paths[: cfg.parity_images]
     return torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]), paths
@@ -119,16 +120,15 @@ def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor
 def split_images(cfg: DictConfig, classifier: Classifier, split: str, count: int | None = None,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images of the training run's ``split`` (at most ``count``, a seeded sample) and
-    their labels in the model's class order."""
+    what the model should answer for them (class indices in its order, or tag targets)."""
     from transfer.evaluate import evaluation_images
-    from transfer.inference import label_indices
+    from transfer.inference import answers_for
 
-    table, indices, _ = evaluation_images(cfg, split)
+    table, indices, _ = evaluation_images(cfg, split, classifier.task)
     if count is not None and len(indices) > count:
         indices = np.sort(np.random.default_rng(0).choice(indices, size=count, replace=False))
-    to_model = label_indices(table.class_names, classifier.class_names)
     images = np.stack([classifier.preprocess(load_rgb(table.paths[i])).numpy() for i in indices])
-    return images, to_model[table.labels[indices]]
+    return images, answers_for(classifier, table, indices)
 
 
 def quantize_export(cfg: DictConfig, classifier: Classifier, out_dir: Path) -> dict[str, Any]:
@@ -138,6 +138,9 @@ def quantize_export(cfg: DictConfig, classifier: Classifier, out_dir: Path) -> d
 
     if "onnx" not in cfg.formats:
         raise TransferError("quantize=... quantizes the ONNX model: keep onnx in formats.")
+    if classifier.task.kind == "values":
+        raise TransferError("quantize=... compares the INT8 model's decisions with the fp32 model's; "
+                            "task=regression has values, not decisions: export without quantize.")
     calibration = None
     if cfg.quantize == "int8":
         calibration, _ = split_images(cfg, classifier, "train", cfg.calibration_images)

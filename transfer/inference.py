@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import timm
@@ -23,6 +23,9 @@ from transfer.data.transforms import eval_transform
 from transfer.errors import TransferError
 from transfer.symmetries import tta_symmetries, views_for
 from transfer.tasks import Classification, Task, task_from_state
+
+if TYPE_CHECKING:
+    from transfer.data.sources import ImageTable
 
 
 
@@ -101,6 +104,17 @@ def label_indices(class_names: Sequence[str], model_classes: Sequence[str]) -> n
         raise TransferError(f"The data has classes {unknown} that the model was not trained on; it knows "
                             f"{list(model_classes)}. Evaluate on data with the model's classes.")
     return np.array([list(model_classes).index(name) for name in class_names], dtype=np.int64)
+
+
+def answers_for(classifier: Classifier, table: "ImageTable", rows: np.ndarray) -> np.ndarray:
+    """What the model should answer for ``rows`` of ``table`` (as read by `Task.arrange` with the
+    model's task): class indices in the model's order, or tag / value targets in its column order."""
+    if table.kind == "classes":
+        return label_indices(table.class_names, classifier.class_names)[table.labels[rows]]
+    if table.class_names != classifier.class_names:
+        raise TransferError(f"The data has {table.kind} {table.class_names}; the model was trained on "
+                            f"{classifier.class_names}.")
+    return table.answers(rows)
 
 
 def pick_device(name: str = "auto") -> torch.device:

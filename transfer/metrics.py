@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torchmetrics import MetricCollection
+import torch
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 
@@ -23,3 +25,22 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+class Collected(Metric):
+    """Every (output, target) row of an evaluation, gathered from all processes on ``compute``
+    (for what a task learns from the whole validation split, e.g. per-tag thresholds)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("outputs", [], dist_reduce_fx="cat")
+        self.add_state("targets", [], dist_reduce_fx="cat")
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.outputs.append(outputs.detach().float())
+        self.targets.append(targets.detach().float())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return dim_zero_cat(self.outputs), dim_zero_cat(self.targets)

@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from transfer.feature_cache import classify_features
 from transfer.freezing import Splitter, Trainable, freeze_frozen_modules, set_trainable
-from transfer.metrics import IGNORE
+from transfer.metrics import Collected
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
 from transfer.symmetries import tta_symmetries, views_for
@@ -71,10 +70,12 @@ class ClassifierModule(L.LightningModule):
         # The settings that make the run what it is (`transfer.resume.run_shape`), checked on resume.
         self.run_shape: dict[str, Any] = {}
         num_classes = len(self.class_names)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # The task's metric on training batches (accuracy for class tasks), then validation and test.
+        self.train_metric_name, self.train_metric = self.task.train_metric(num_classes)
         self.val_metrics = self.task.metrics(num_classes, "val/")
         self.test_metrics = self.task.metrics(num_classes, "test/")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
+        self.val_outputs = Collected()  # the whole validation split, for `Task.learn_from_validation`
+        self.test_confusion = self.task.confusion(num_classes)  # None where no confusion matrix fits
         # Evaluation losses as torchmetrics means weighted by real images: a process whose share is
         # only padding (labels IGNORE) adds nothing, instead of a NaN or an unweighted average.
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -154,19 +155,20 @@ class ClassifierModule(L.LightningModule):
         # Mixup blends images, so it applies to image batches, not to cached pooled features.
         mixing = self.mixup is not None and not self.features_cached
         loss, probs, labels = self._mixed_step(batch) if mixing else self._step(batch)
-        self.train_acc(self.task.predicted(probs), labels)  # against the first image's label when mixing
+        self.train_metric(probs.detach(), labels)  # against the first image's label when mixing
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log(f"train/{self.train_metric_name}", self.train_metric, on_step=False, on_epoch=True)
         return loss
 
     def _evaluation_step(self, batch: Any, loss_metric: MeanMetric, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and labels of a batch, its mean loss over real images into the loss metric.
+        """Decoded outputs and targets of a batch's real images (padding left out), its mean loss over
+        them into the loss metric.
 
-        ``tta``: the probabilities are averaged over the test-time views (`transfer.symmetries`);
+        ``tta``: the outputs are averaged over the test-time views (`transfer.symmetries`);
         the loss stays that of the images as they are."""
         images, labels = batch
         logits = self(images)
-        real = labels != IGNORE
+        real = self.task.real(labels)
         total = self.task.loss(logits, labels, self.class_weights, self.hparams.label_smoothing, reduction="sum")
         # A weighted mean divides by the summed class weights of the targets (as cross_entropy's does).
         weights = self.class_weights[labels[real]] if self.class_weights is not None else real.float()
@@ -177,10 +179,11 @@ class ClassifierModule(L.LightningModule):
         if views:
             probabilities = torch.stack([probabilities, *(self.task.probabilities(self(view(images)))
                                                           for view in views)]).mean(dim=0)
-        return probabilities, labels
+        return probabilities[real], labels[real]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         probs, labels = self._evaluation_step(batch, self.val_loss)
+        self.val_outputs.update(probs, labels)
         self.val_metrics.update(probs, labels)
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
@@ -188,15 +191,26 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         probs, labels = self._evaluation_step(batch, self.test_loss, self.test_tta)
         self.test_metrics.update(probs, labels)
-        self.test_confusion.update(self.task.predicted(probs), labels)
+        if self.test_confusion is not None:
+            self.test_confusion.update(self.task.predicted(probs), labels)
         self.log("test/loss", self.test_loss, on_epoch=True)
         self.log_dict(self.test_metrics, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
+        # Before the epoch's metrics are computed and the checkpoint saved, so both use what the task
+        # learns here (e.g. per-tag thresholds); every process gets the whole split.
+        if self.val_outputs.update_count:
+            self.task.learn_from_validation(*self.val_outputs.compute())
+        self.val_outputs.reset()
         self.log("stage", float(self.stage_index + 1))
 
     def on_test_epoch_start(self) -> None:
-        self.test_confusion.reset()
+        if self.test_confusion is not None:
+            self.test_confusion.reset()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What the task learnt by then (thresholds, target scaling) comes with the weights.
+        self.task.load_state(checkpoint.get("transfer", {}).get("task") or {})
 
     def configure_optimizers(self) -> dict:
         total_steps = int(self.trainer.estimated_stepping_batches)

@@ -1,10 +1,9 @@
-"""``predict.py``: class probabilities for image files, written to ``predictions.csv``."""
+"""``predict.py``: the model's answers for image files (the task's columns), written to ``predictions.csv``."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,13 @@ def predict_files(classifier: Classifier, paths: list[Path], tta: str = "none", 
     return (torch.cat(probabilities) if probabilities else empty), indices, unreadable
 
 
-def write_predictions(path: Path, paths: list[Path], probabilities: torch.Tensor, indices: list[int],
-                      class_names: list[str], predicted: torch.Tensor) -> None:
-    """One row per readable file: the predicted class (argmax, or the task's rule), its probability, all."""
-    rows = []
-    for index, probs, best in zip(indices, probabilities.tolist(), predicted.tolist()):
-        rows.append([paths[index], class_names[best], f"{probs[best]:.6f}", *[f"{p:.6f}" for p in probs]])
-    write_csv(path, ["path", "predicted", "confidence", *[f"p_{name}" for name in class_names]], rows)
+def write_predictions(path: Path, paths: list[Path], decoded: torch.Tensor, indices: list[int],
+                      classifier: Classifier) -> None:
+    """One row per readable file, the task's columns: the predicted class and its probability and
+    every class's; the predicted tags and each tag's probability; the values in the data's units."""
+    task, names = classifier.task, classifier.class_names
+    rows = [[paths[index], *task.prediction_cells(row, names)] for index, row in zip(indices, decoded)]
+    write_csv(path, ["path", *task.prediction_header(names)], rows)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -52,16 +51,15 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     log.info("Predicting %d file(s) from %s with %s (%s), tta=%s", len(paths), cfg.inputs, classifier.backbone,
              Path(cfg.ckpt).name, cfg.tta)
     probabilities, indices, unreadable = predict_files(classifier, paths, cfg.tta, cfg.batch_size, cfg.num_workers)
-    predicted = classifier.predicted(probabilities)
-    write_predictions(out_dir / "predictions.csv", paths, probabilities, indices, classifier.class_names, predicted)
+    write_predictions(out_dir / "predictions.csv", paths, probabilities, indices, classifier)
     if unreadable:
         write_csv(out_dir / "unreadable.csv", ["path", "error"], [(str(paths[i]), error) for i, error in unreadable])
         log.warning("%d file(s) could not be read; listed in %s:\n%s", len(unreadable), out_dir / "unreadable.csv",
                     "\n".join(f"  {paths[i]}" for i, _ in unreadable[:10]))
-    counts = Counter(classifier.class_names[i] for i in predicted.tolist())
-    summary = {"checkpoint": str(cfg.ckpt), "inputs": str(cfg.inputs), "tta": cfg.tta, "files": len(paths),
-               "predicted": len(indices), "unreadable": len(unreadable),
-               "per_class": {name: counts.get(name, 0) for name in classifier.class_names}}
+    summary = {"checkpoint": str(cfg.ckpt), "inputs": str(cfg.inputs), "tta": cfg.tta, "task": classifier.task.name,
+               "files": len(paths), "predicted": len(indices), "unreadable": len(unreadable),
+               # images per predicted class (per tag; for regression the mean value)
+               "per_class": classifier.task.tally(probabilities, classifier.class_names)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("Predicted %d file(s): %s -> %s", len(indices), summary["per_class"], out_dir / "predictions.csv")
     return summary

@@ -85,6 +85,7 @@ def compare_on_images(fp32_path: Path, int8_path: Path, images: np.ndarray, labe
 
     truth = np.asarray(labels)
     fp32, int8 = predictions(fp32_path), predictions(int8_path)
+    # Multi-label decisions (0/1 per tag) count per tag: the share of (image, tag) pairs right.
     fp32_acc, int8_acc = float((fp32 == truth).mean()), float((int8 == truth).mean())
     return {"images": len(truth), "fp32_acc": fp32_acc, "int8_acc": int8_acc,
             "acc_delta": int8_acc - fp32_acc, "agreement": float((fp32 == int8).mean()),

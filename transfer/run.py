@@ -115,14 +115,17 @@ def instantiate_named(cfg: DictConfig, key: str) -> list[Any]:
     return [instantiate(node) for node in (cfg.get(key) or {}).values() if node is not None]
 
 
-def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path) -> tuple[ImageTable, list]:
-    """The images of this run: the dataset's, after the image check; when resuming, exactly the first
-    run's (its split.csv, every file checked unchanged), whatever the folder holds now."""
+def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path, task: Task) -> tuple[ImageTable, list]:
+    """The images of this run, their labels as ``task`` reads them: the dataset's, after the image
+    check; when resuming, exactly the first run's (its split.csv, every file checked unchanged),
+    whatever the folder holds now."""
     manifest = manifest_next_to(cfg.ckpt_path) if resumed else None
     if manifest is not None:
         log.info("Resuming on the images and split of %s", manifest)
-        return load_manifest(manifest, class_names=resumed["class_names"]), []
-    table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
+        classes = resumed["class_names"] if task.kind == "classes" else None  # tags and values are parsed
+        return task.arrange(load_manifest(manifest, class_names=classes)), []
+    # Labels are read (and bad ones refused) before any image is opened.
+    table = subsample(task.arrange(instantiate(cfg.data.source)), cfg.data.get("max_images"), cfg.seed)
     if not cfg.runtime.image_check:
         return table, []
     return check_images(table, cfg.runtime.bad_images, run_dir / "bad_images.csv")
@@ -218,7 +221,8 @@ def plan_budget(cfg: DictConfig, module: ClassifierModule, datamodule: ImageData
 
 def log_setup(cfg: DictConfig, datamodule: ImageDataModule, module: ClassifierModule) -> None:
     table, config = datamodule.table, module.hparams.input_config
-    kind = "classes" if isinstance(module.task, Classification) else f"{module.task.name} classes, in order"
+    kind = {"classes": "classes" if isinstance(module.task, Classification) else "classes, in order",
+            "tags": "tags", "values": "targets"}[table.kind]
     log.info("Data '%s': %d images, %s %s", table.name, len(table.paths), kind, table.class_names)
     for split, per_class in datamodule.split_counts().items():
         log.info("  %-5s %5d  %s", split, sum(per_class.values()), per_class)
@@ -324,12 +328,13 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
     tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=cfg.paths.output_dir,
                                     sync_batchnorm=False)
     tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
-    confusion = module.test_confusion.compute().tolist()
+    confusion = module.test_confusion.compute().tolist() if module.test_confusion is not None else None
     metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in tested.items()}
     names = module.class_names
     log.info("Test: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    log.info("Confusion matrix (rows: true %s; columns: predicted):\n%s", names,
-             "\n".join(f"  {name:>12s} {row}" for name, row in zip(names, confusion)))
+    if confusion is not None:
+        log.info("Confusion matrix (rows: true %s; columns: predicted):\n%s", names,
+                 "\n".join(f"  {name:>12s} {row}" for name, row in zip(names, confusion)))
     return best, metrics, confusion, tester.world_size
 
 
@@ -354,8 +359,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_sync_batchnorm(cfg.trainer)
     start, resumed = resume_point(cfg.get("ckpt_path"))
     task: Task = instantiate(cfg.task)
-    table, skipped = run_images(cfg, resumed, run_dir)
-    table = task.arrange(table)  # e.g. ordinal grades in their declared order
+    table, skipped = run_images(cfg, resumed, run_dir, task)  # e.g. grades in order, tags, numbers
     module, input_config = build_module(cfg, table.num_classes, table.class_names, stages, table.paths, task)
     with open_dict(cfg):
         cfg.input = input_config  # the augmentation YAML refers to ${input.size}
@@ -367,6 +371,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg, table, input_config)
     module.stages = with_min_steps(module.stages, datamodule.train_steps_per_epoch(
         processes_of(cfg.trainer), int(cfg.trainer.get("accumulate_grad_batches") or 1)), cfg.schedule.min_steps)
+    task.fit(table, datamodule.splits["train"])  # e.g. regression targets' scaling, from training images only
     write_split(run_dir / MANIFEST, table, datamodule.splits)
     augment_choice = choose_augment(cfg, module, datamodule, run_dir)
     module.symmetries = symmetries_of(cfg.augment.get("train"))
@@ -375,8 +380,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_config(run_dir / "config.yaml", cfg)
     log_setup(cfg, datamodule, module)
     split_counts = datamodule.split_counts()
-    check_split_classes(split_counts)
-    weights = class_weights_for(split_counts["train"], cfg.get("class_weights"), cfg.data.sampler)
+    weights = None
+    if table.kind == "classes":
+        check_split_classes(split_counts)
+        weights = class_weights_for(split_counts["train"], cfg.get("class_weights"), cfg.data.sampler)
+    elif cfg.get("class_weights"):
+        raise TransferError(f"class_weights weighs classes; task={task.name} has none (task=multilabel weighs "
+                            "its tags with task.pos_weight=balanced).")
     if weights is not None:
         module.class_weights = torch.tensor(weights, dtype=torch.float32)
 
@@ -396,6 +406,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "backbone": cfg.backbone.name,
         "task": module.task.name,
+        "task_state": module.task.state(),  # as the best checkpoint has it (e.g. per-tag thresholds, scaling)
         "dataset": table.name,
         "class_names": table.class_names,
         "split_counts": split_counts,

@@ -21,8 +21,9 @@ METHODS = ("gradient", "gradcam")
 
 
 def _target(logits: torch.Tensor, target: int | None, task: Task) -> int:
-    """The class to explain: the one given, else the predicted one."""
-    return int(task.predicted(task.probabilities(logits.detach()))[0]) if target is None else target
+    """The output to explain: the one given, else the task's choice (the predicted class, the most
+    probable tag, the first regression target)."""
+    return task.default_target(task.probabilities(logits.detach())[0]) if target is None else target
 
 
 def gradient_map(model: nn.Module, image: torch.Tensor, target: int | None = None,

@@ -92,10 +92,9 @@ def images_in(request: Any, single: bool) -> list[Any]:
 
 
 def describe(classifier: Any, probabilities: torch.Tensor) -> list[dict[str, Any]]:
-    names = classifier.class_names
-    return [{"label": names[int(best)], "confidence": float(row[best]),
-             "probabilities": {name: float(p) for name, p in zip(names, row.tolist())}}
-            for row, best in zip(probabilities, classifier.predicted(probabilities))]
+    """Per image, the task's answer: label, confidence and class probabilities; tags and their
+    probabilities and thresholds; values in the data's units (`Task.describe`)."""
+    return [classifier.task.describe(row, classifier.class_names) for row in probabilities]
 
 
 class PredictAPI(ls.LitAPI):

@@ -17,7 +17,9 @@ from transfer.metrics import IGNORE
 
 
 class ImageDataset(Dataset):
-    """Decodes files on demand; a decode failure raises `ImageReadError` naming the file."""
+    """Decodes files on demand; a decode failure raises `ImageReadError` naming the file.
+
+    ``labels``: a class index per image, or a row of float targets per image (tags, values)."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, transform: Callable) -> None:
         self.paths = paths
@@ -27,9 +29,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         image = load_rgb(self.paths[index])
-        return self.transform(image=image)["image"], int(self.labels[index])
+        label = self.labels[index]
+        target = torch.as_tensor(label, dtype=torch.float32) if np.ndim(label) else int(label)
+        return self.transform(image=image)["image"], target
 
 
 def seed_transform(dataset: Dataset, seed: int) -> None:
@@ -55,7 +59,8 @@ def seed_worker(worker_id: int) -> None:
 
 
 class PaddedForProcesses(Dataset):
-    """An evaluation split padded to a multiple of the number of processes with labels `IGNORE`.
+    """An evaluation split padded to a multiple of the number of processes with labels `IGNORE`
+    (float targets: NaN).
 
     Every process must run the same evaluation loop (an idle one would leave the others waiting
     in the epoch-end all-reduce, and 1 validation image on 2 processes leaves one idle): padded
@@ -77,7 +82,9 @@ class PaddedForProcesses(Dataset):
             return self.dataset[index]
         image, label = self.dataset[index % self.real]
         # Cached features come with tensor labels: keep the type so batches collate.
-        return image, torch.full_like(label, IGNORE) if isinstance(label, torch.Tensor) else IGNORE
+        if isinstance(label, torch.Tensor):
+            return image, torch.full_like(label, float("nan") if label.is_floating_point() else IGNORE)
+        return image, IGNORE
 
 
 class EvenlySplit(Sampler[int]):
@@ -174,7 +181,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
-        self.splits = split_indices(table.labels, test_fraction, val_fraction, seed, table.splits)
+        self.splits = split_indices(table.stratify_on(), test_fraction, val_fraction, seed, table.splits)
         for name in ("train", "val"):
             if len(self.splits[name]) == 0:
                 raise DataError(f"The {name} split of '{table.name}' is empty; it has "
@@ -186,17 +193,15 @@ class ImageDataModule(L.LightningDataModule):
         batches = share // self.batch_size if share > self.batch_size else 1
         return max(1, batches // accumulate)
 
-    def split_counts(self) -> dict[str, dict[str, int]]:
-        """Images per class in each split, for the run log and results file."""
-        return {name: dict(zip(self.table.class_names,
-                               np.bincount(self.table.labels[idx], minlength=self.table.num_classes).tolist()))
-                for name, idx in self.splits.items()}
+    def split_counts(self) -> dict[str, dict[str, int | float]]:
+        """Images per class (positives per tag, mean per target) in each split, for the log and results."""
+        return {name: self.table.counts(idx) for name, idx in self.splits.items()}
 
     def dataset(self, split: str, transform: Callable | None = None) -> ImageDataset:
         indices = self.splits[split]
         if transform is None:
             transform = self.train_transform if split == "train" else self.eval_transform
-        return ImageDataset([self.table.paths[i] for i in indices], self.table.labels[indices], transform)
+        return ImageDataset([self.table.paths[i] for i in indices], self.table.answers(indices), transform)
 
     def check_transforms(self) -> None:
         """Fail before training if an augmentation pipeline does not produce ``input_size`` images."""

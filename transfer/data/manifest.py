@@ -36,7 +36,7 @@ def write_manifest(path: Path, table: ImageTable, splits: Mapping[str, np.ndarra
     for split, indices in splits.items():
         for index in indices:
             image = table.paths[index]
-            rows.append([os.path.abspath(image), table.class_names[table.labels[index]], split, *file_state(image)])
+            rows.append([os.path.abspath(image), table.label_text(index), split, *file_state(image)])
     write_csv(path, COLUMNS, rows)
 
 
@@ -67,7 +67,8 @@ def load_manifest(path: Path, class_names: Sequence[str] | None = None, splits: 
     """The run's images as a table whose every row has its split fixed (so nothing is re-split).
 
     ``class_names``: the model's class order (from its checkpoint); by default the names in the file,
-    sorted. ``splits``: only rows of these splits. ``check``: refuse files that are gone or changed.
+    sorted. Labels are read as the run wrote them; a task that parses them (tags, numbers) does so
+    in its ``arrange`` (`transfer.tasks`). ``splits``: only rows of these splits. ``check``: refuse files that are gone or changed.
     """
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))

@@ -1,5 +1,6 @@
-"""What a run learns from its labels: a task owns the head's size, the loss, the decoding of the
-model's outputs into class probabilities and predictions, and the metrics.
+"""What a run learns from its labels: a task owns how labels are read, the head's size, the loss,
+the decoding of the model's outputs (class or tag probabilities, values), decisions, metrics and
+the columns its predictions write.
 
 The LightningModule, `evaluate`, `predict`, `explain`, `export` and the server consult the run's
 task (recorded in every checkpoint) instead of assuming a softmax classifier, so a new task is one
@@ -13,9 +14,12 @@ from typing import Any
 from transfer.errors import TransferError
 from transfer.tasks.base import Task
 from transfer.tasks.classification import Classification
+from transfer.tasks.multilabel import Multilabel
 from transfer.tasks.ordinal import Ordinal
+from transfer.tasks.regression import Regression
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "ordinal": Ordinal}
+TASKS: dict[str, type[Task]] = {"classification": Classification, "ordinal": Ordinal, "multilabel": Multilabel,
+                                "regression": Regression}
 
 
 def task_from_state(state: dict[str, Any] | None) -> Task:
@@ -28,4 +32,4 @@ def task_from_state(state: dict[str, Any] | None) -> Task:
     return TASKS[name](**state)
 
 
-__all__ = ["TASKS", "Classification", "Ordinal", "Task", "task_from_state"]
+__all__ = ["TASKS", "Classification", "Multilabel", "Ordinal", "Regression", "Task", "task_from_state"]

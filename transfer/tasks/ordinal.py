@@ -72,6 +72,7 @@ class Ordinal(Task):
 
     def arrange(self, table: ImageTable) -> ImageTable:
         """Classes in the declared grade order; a label outside the levels is an error naming its file."""
+        table = super().arrange(table)
         if self.levels is None:
             return table
         unknown = [name for name in table.class_names if name not in self.levels]
