@@ -98,7 +98,11 @@ class Regression(Task):
                 raise DataError(f"Label '{table.class_names[index]}' of {first_row_of(table, index)} lacks a value "
                                 f"for target(s) {[n for n, v in zip(names, row) if np.isnan(v)]}.")
         values = per_label[table.labels]
-        return ImageTable(table.paths, value_strata(values[:, 0]), list(names), table.splits, table.name,
+        # With a threshold, splits keep the share of images above it (as a classifier of the same
+        # decision would be split: data=elpv_probability then tests on data=elpv's test images).
+        strata = (values[:, 0] >= self.threshold).astype(np.int64) if self.threshold is not None \
+            else value_strata(values[:, 0])
+        return ImageTable(table.paths, strata, list(names), table.splits, table.name,
                           table.extra, kind="values", targets=values)
 
     def fit(self, table: ImageTable, rows: np.ndarray) -> None:
