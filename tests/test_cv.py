@@ -102,3 +102,31 @@ def test_a_cross_validation_resumes_fold_by_fold(cv_run: dict) -> None:
     assert runs[0] == cv_run["summary"]["fold_runs"][0] and runs[2] == cv_run["summary"]["fold_runs"][2]
     assert runs[1] == str(cv_run["tmp"] / "resumed" / "fold_1")  # only the missing fold trained again
     assert not (cv_run["tmp"] / "resumed" / "fold_0").exists()
+
+
+@pytest.mark.parametrize("task", ["multilabel", "regression"])
+def test_cross_validation_follows_the_task(task: str, tmp_path: Path) -> None:
+    """Tags are folded by iterative stratification; the ensemble averages tag probabilities or values."""
+    from tests.test_multilabel import write_tagged_images
+
+    labels = write_tagged_images(tmp_path / "images", count=32)
+    column = "tags" if task == "multilabel" else "value"
+    summary = train(compose_config([*FAST, "augment=none", "data=csv", f"data.csv={labels}", "data.test_fraction=0.25",
+                                    f"data.source.label_column={column}", f"task={task}", "cv.folds=2"], tmp_path / "cv"))
+    metric = "map" if task == "multilabel" else "mae"
+    assert summary["task"] == task and metric in summary["test_ensemble"] and metric in summary["out_of_fold"]
+    oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")
+    assert len(oof) == summary["train_images"] == 24
+    folds = []
+    for fold_run in summary["fold_runs"]:
+        rows = read_csv(Path(fold_run) / "split.csv")
+        folds.append([r for r in rows if r["split"] == "val"])
+        if task == "multilabel":  # every tag in every fold's validation images
+            assert all(any(tag in r["label"].split(";") for r in folds[-1]) for tag in ("bright", "vertical"))
+    assert sorted(r["path"] for fold in folds for r in fold) == sorted(r["path"] for r in oof)
+    ensemble = read_csv(tmp_path / "cv" / "test_predictions.csv")
+    column = "p_bright" if task == "multilabel" else "predicted_value"
+    members = [fold_probabilities(json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["path"],
+                                  [row["path"] for row in ensemble], 8, 0)[:, 0] for run in summary["fold_runs"]]
+    got = torch.tensor([float(row[column]) for row in ensemble])
+    torch.testing.assert_close(got, torch.stack(members).mean(0), atol=2e-6, rtol=0)

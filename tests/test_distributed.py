@@ -207,3 +207,36 @@ def test_cross_validation_runs_its_folds_on_two_processes(tmp_path: Path) -> Non
         fold_results = json.loads((cv_dir / f"fold_{fold}" / "results.json").read_text())
         assert fold_results["world_size"] == 2
         assert all(stage["distributed"]["identical"] for stage in fold_results["stages"])
+
+
+# Counts whose training split gives both runs the same global batches (26 images: 3 steps of 8) and
+# whose validation split (3 images) is padded on 2 processes.
+@pytest.mark.parametrize("task, column, count", [("multilabel", "tags", 36), ("regression", "value", 37)])
+def test_tags_and_values_on_two_processes_match_one_process(task: str, column: str, count: int, tmp_path: Path) -> None:
+    """Float targets: evaluation padding (NaN rows) counts nowhere, and what the task learns from the
+    whole validation split (per-tag thresholds) is the same on both processes and as on one."""
+    from tests.test_multilabel import write_tagged_images
+
+    labels = write_tagged_images(tmp_path / "images", count=count)
+    common = [*(o for o in COMMON if o != "data=folder"), "data=csv", f"data.csv={labels}",
+              f"data.source.label_column={column}", f"task={task}", "task.threshold=0.5" if task == "regression"
+              else "task.pos_weight=balanced"]
+
+    def launch(name: str, *overrides: str) -> tuple[dict, Path]:
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides,
+                               f"paths.log_dir={tmp_path / name}"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        (run_dir,) = (tmp_path / name / "runs").iterdir()
+        return json.loads((run_dir / "results.json").read_text()), run_dir
+
+    ddp_results, ddp_dir = launch("ddp", "trainer=ddp", "trainer.devices=2", "data.batch_size=4")
+    single_results, single_dir = launch("single", "data.batch_size=8")
+    ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
+    for key in ddp_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert ddp_results["test"].keys() == single_results["test"].keys()
+    for metric, value in single_results["test"].items():
+        assert ddp_results["test"][metric] == pytest.approx(value, abs=1e-5), metric
+    learnt = "mean" if task == "regression" else "thresholds"  # scaling from training rows, thresholds from val
+    assert ddp_results["task_state"][learnt] == pytest.approx(single_results["task_state"][learnt], abs=1e-5)
