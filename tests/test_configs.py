@@ -13,7 +13,7 @@ from tests.conftest import CONF_DIR, compose_config
 from transfer.schedule import parse_stages
 
 GROUPS = ["backbone", "data", "augment", "schedule", "optimizer", "trainer", "logger"]
-NEEDS = {("data", "folder"): ["data.root=/tmp/x"], ("data", "csv"): ["data.csv=/tmp/x.csv"],
+NEEDS = {("data", "folder"): ["data.root=/tmp/x"], ("data", "tag_folders"): ["data.root=/tmp/x"], ("data", "csv"): ["data.csv=/tmp/x.csv"],
          ("backbone", "timm"): ["backbone.name=resnet18"]}
 
 

@@ -203,3 +203,47 @@ def test_class_weights_are_refused_for_tags(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="pos_weight"):
         train(compose_config([*FAST, "data=csv", f"data.csv={labels}", "data.source.label_column=tags",
                               "task=multilabel", "class_weights=balanced", "augment=none"], tmp_path / "run"))
+
+
+def test_the_server_answers_with_tags_at_the_saved_thresholds(tagged_run: dict) -> None:
+    import base64
+
+    pytest.importorskip("litserve")
+    from transfer.data.images import load_rgb
+    from transfer.serve import ExplainAPI, PredictAPI
+
+    paths = sorted(tagged_run["labels"].parent.glob("*.png"))[:4]
+    api = PredictAPI(tagged_run["ckpt"], "none", 10**6)
+    api.setup("cpu")
+    images = api.decode_request({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    answers = api.encode_response(api.predict(images))["predictions"]
+    classifier = load_classifier(tagged_run["ckpt"])
+    expected = classifier.probabilities(torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]))
+    thresholds = tagged_run["results"]["task_state"]["thresholds"]
+    for answer, row in zip(answers, expected):
+        assert answer["probabilities"] == pytest.approx(dict(zip(["bright", "vertical"], row.tolist())), abs=1e-5)
+        assert answer["tags"] == [t for t, p, c in zip(["bright", "vertical"], row.tolist(), thresholds) if p >= c]
+        assert list(answer["thresholds"].values()) == pytest.approx(thresholds)
+    explainer = ExplainAPI(tagged_run["ckpt"], "none", 10**6)
+    explainer.setup("cpu")
+    assert set(explainer.predict(load_rgb(paths[0]))["prediction"]) == {"tags", "probabilities", "thresholds"}
+
+
+def test_tag_folders_join_an_images_copies_into_one_image_with_every_tag(tmp_path: Path) -> None:
+    from transfer.data.sources import tag_folders
+    from tests.conftest import compose_config as compose
+
+    image = Image.new("RGB", (8, 8))
+    for tag, names in (("fried", ["a", "b"]), ("spicy", ["b", "c"]), ("none", ["d"])):
+        (tmp_path / tag).mkdir()
+        for name in names:
+            image.save(tmp_path / tag / f"{name}.png")
+    table = Multilabel().arrange(tag_folders(tmp_path, untagged="none"))
+    tags = {Path(p).name: table.label_text(i) for i, p in enumerate(table.paths)}
+    assert tags == {"a.png": "fried", "b.png": "fried;spicy", "c.png": "spicy", "d.png": ""}
+    assert table.class_names == ["fried", "spicy"]
+    image.save(tmp_path / "none" / "a.png")
+    with pytest.raises(DataError, match="'a.png' is in the untagged folder 'none' and in tag folder"):
+        tag_folders(tmp_path, untagged="none")
+    cfg = compose(["data=tag_folders", f"data.root={tmp_path}", "task=multilabel"])
+    assert cfg.data.source._target_.endswith("tag_folders") and cfg.data.source.root == str(tmp_path)

@@ -144,3 +144,23 @@ def test_regression_evaluate_predict_export_and_explain_use_the_datas_units(valu
         export(command_config("export", tmp_path / "export_int8", [f"ckpt={ckpt}", "formats=[onnx]", "quantize=int8"]))
     assert explain_files(command_config("explain", tmp_path / "explain", [f"ckpt={ckpt}", "split=test",
                                                                          "max_images=1"]))["panels"] == 1
+
+
+def test_the_server_answers_with_values_in_the_datas_units(valued_run: dict) -> None:
+    import base64
+
+    pytest.importorskip("litserve")
+    from transfer.serve import PredictAPI
+
+    paths = sorted(valued_run["labels"].parent.glob("*.png"))[:3]
+    api = PredictAPI(valued_run["ckpt"], "none", 10**6)
+    api.setup("cpu")
+    images = api.decode_request({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    answers = api.encode_response(api.predict(images))["predictions"]
+    classifier = load_classifier(valued_run["ckpt"])
+    with torch.inference_mode():
+        raw = classifier.model(torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]))[:, 0]
+    values = raw * classifier.task.std[0] + classifier.task.mean[0]
+    for answer, value in zip(answers, values.tolist()):
+        assert answer["values"]["value"] == pytest.approx(value, abs=1e-5)
+        assert answer["above_threshold"] == (value >= 0.5)

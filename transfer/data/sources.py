@@ -169,6 +169,38 @@ def image_folder(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENS
     return ImageTable(paths, np.array(labels), class_names, np.array(splits, dtype=object), name=root.name)
 
 
+def tag_folders(root: str | os.PathLike, untagged: str | None = None,
+                extensions: Sequence[str] = IMG_EXTENSIONS) -> ImageTable:
+    """Multi-label images as folders of tags: ``root/<tag>/<file>``, an image in several tag
+    folders (the same file name in each) carrying all of them, for task=multilabel.
+
+    ``untagged``: a folder whose images have no tag (e.g. ``none``). A file name found in
+    ``untagged`` and in a tag folder is an error naming both.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Tag folder '{root}' does not exist. Set data.root to a folder with one sub-folder per tag.")
+    extensions = tuple(e.lower() for e in extensions)
+    found: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions):
+            name = str(file.relative_to(folder))
+            first.setdefault(name, str(file))
+            found.setdefault(name, []).append(folder.name)
+    if not found:
+        raise DataError(f"'{root}' has no images in tag folders (extensions {', '.join(extensions)}).")
+    texts = []
+    for name, tags in found.items():
+        if untagged is not None and untagged in tags and len(tags) > 1:
+            raise DataError(f"'{name}' is in the untagged folder '{untagged}' and in tag folder(s) "
+                            f"{[t for t in tags if t != untagged]} of '{root}'; keep it in one or the other.")
+        texts.append(";".join(t for t in tags if t != untagged))
+    class_names = sorted(set(texts))
+    labels = np.array([class_names.index(text) for text in texts])
+    return ImageTable([first[name] for name in found], labels, class_names, name=root.name)
+
+
 def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_column: str | Sequence[str] = "label",
                  split_column: str | None = None, root: str | os.PathLike | None = None) -> ImageTable:
     """A CSV with one row per image; relative paths are resolved against ``root`` or the CSV's folder.
