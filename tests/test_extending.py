@@ -122,3 +122,54 @@ def test_a_splitter_gives_a_custom_module_the_freezing_schedule(tmp_path: Path, 
     assert head["trainable_groups"] == ["head: classifier"] and head["trainable_params"] == 32 * 2 + 2
     assert finetune["trainable_groups"] == ["head: classifier", "stage2"]
     assert finetune["trainable_params"] == 32 * 2 + 2 + (16 * 9 * 32 + 32) + 2 * 32
+
+
+MY_TASK = '''
+import torch
+import torch.nn.functional as F
+
+from transfer.metrics import IGNORE
+from transfer.tasks import Classification
+
+
+class Focal(Classification):
+    """Classification with the focal loss (Lin et al. 2017): a task defined outside the package."""
+
+    name = "focal"
+
+    def __init__(self, gamma=2.0):
+        self.gamma = gamma
+
+    def loss(self, outputs, labels, class_weights, label_smoothing, reduction="mean"):
+        real = labels != IGNORE
+        log_p = F.log_softmax(outputs[real].float(), dim=-1).gather(1, labels[real][:, None])[:, 0]
+        per_image = -(1 - log_p.exp()) ** self.gamma * log_p
+        return per_image.sum() if reduction == "sum" else per_image.mean()
+
+    def state(self):
+        return {"name": self.name, "gamma": self.gamma}
+'''
+
+
+def test_a_users_task_is_one_module_and_one_config_and_its_checkpoints_load(tmp_path: Path, monkeypatch) -> None:
+    from transfer.evaluate import evaluate
+    from tests.conftest import command_config
+
+    images = write_image_folder(tmp_path / "images", per_class=10)
+    (tmp_path / "my_tasks.py").write_text(MY_TASK.lstrip())
+    (tmp_path / "my_conf" / "task").mkdir(parents=True)
+    (tmp_path / "my_conf" / "task" / "focal.yaml").write_text("_target_: my_tasks.Focal\ngamma: 1.5\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config-dir", "my_conf", "task=focal", "backbone=timm",
+         "backbone.name=test_resnet", "backbone.pretrained=false", f"data=folder", f"data.root={images}",
+         "augment=none", "input.size=32", "data.num_workers=0", "data.batch_size=8", "schedule=head_only",
+         "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["task"] == "focal" and results["task_state"] == {"name": "focal", "gamma": 1.5}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    report = evaluate(command_config("evaluate", tmp_path / "eval", [f"ckpt={results['best_checkpoint']['path']}"]))
+    assert report["task"] == "focal" and report["metrics"]["acc"] == results["test"]["acc"]

@@ -17,7 +17,7 @@ from transfer.metrics import Collected
 from transfer.optim import build_optimizer
 from transfer.schedule import Stage
 from transfer.symmetries import tta_symmetries, views_for
-from transfer.tasks import Classification, Task
+from transfer.tasks import Classification, Task, task_record
 
 log = logging.getLogger(__name__)
 
@@ -227,5 +227,5 @@ class ClassifierModule(L.LightningModule):
             "input_config": self.hparams.input_config,
             "symmetries": self.symmetries,
             "run_shape": self.run_shape,
-            "task": self.task.state(),
+            "task": task_record(self.task),
         }

@@ -224,8 +224,8 @@ def log_setup(cfg: DictConfig, datamodule: ImageDataModule, module: ClassifierMo
     kind = {"classes": "classes" if isinstance(module.task, Classification) else "classes, in order",
             "tags": "tags", "values": "targets"}[table.kind]
     log.info("Data '%s': %d images, %s %s", table.name, len(table.paths), kind, table.class_names)
-    for split, per_class in datamodule.split_counts().items():
-        log.info("  %-5s %5d  %s", split, sum(per_class.values()), per_class)
+    for split, per_class in datamodule.split_counts().items():  # per tag: positives; per target: mean
+        log.info("  %-5s %5d  %s", split, len(datamodule.splits[split]), per_class)
     log.info("Backbone %s, input %s, mean %s, std %s", cfg.backbone.name, config["size"], config["mean"],
              config["std"])
     log.info("Schedule (%d stage(s)):\n%s", len(module.stages), "\n".join(summarize_stages(module)))

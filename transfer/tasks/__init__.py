@@ -1,10 +1,12 @@
 """What a run learns from its labels: a task owns how labels are read, the head's size, the loss,
 the decoding of the model's outputs (class or tag probabilities, values), decisions, metrics and
-the columns its predictions write.
+the columns its predictions write. A task of your own is one module with a `Task` subclass and a
+``conf/task/<name>.yaml`` naming it by ``_target_``; checkpoints record its class, so every
+command loads it wherever that module imports.
 
 The LightningModule, `evaluate`, `predict`, `explain`, `export` and the server consult the run's
-task (recorded in every checkpoint) instead of assuming a softmax classifier, so a new task is one
-module here, a config in ``conf/task/`` and an entry in `TASKS`.
+task (recorded in every checkpoint) instead of assuming a softmax classifier. `TASKS` names the
+packaged ones.
 """
 
 from __future__ import annotations
@@ -22,14 +24,28 @@ TASKS: dict[str, type[Task]] = {"classification": Classification, "ordinal": Ord
                                 "regression": Regression}
 
 
+def task_record(task: Task) -> dict[str, Any]:
+    """What a checkpoint keeps of its task: ``state()`` and the class, so a task defined outside
+    this package (a user's module on the Python path, configured by ``_target_``) loads too."""
+    return {**task.state(), "class": f"{type(task).__module__}.{type(task).__qualname__}"}
+
+
 def task_from_state(state: dict[str, Any] | None) -> Task:
     """The task a checkpoint records (``checkpoint["transfer"]["task"]``); classification when absent."""
     state = dict(state or {"name": "classification"})
-    name = state.pop("name")
-    if name not in TASKS:
-        raise TransferError(f"The checkpoint was trained for task '{name}', which this version does not know; "
-                            f"it knows {sorted(TASKS)}.")
-    return TASKS[name](**state)
+    name, path = state.pop("name"), state.pop("class", None)
+    if name in TASKS:
+        return TASKS[name](**state)
+    if path is not None:
+        from hydra.utils import get_class
+
+        try:
+            return get_class(path)(**state)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise TransferError(f"The checkpoint was trained for task '{name}' ({path}), which cannot be "
+                                f"imported here: {error}. Put its module on the Python path.") from None
+    raise TransferError(f"The checkpoint was trained for task '{name}', which this version does not know; "
+                        f"it knows {sorted(TASKS)}.")
 
 
-__all__ = ["TASKS", "Classification", "Multilabel", "Ordinal", "Regression", "Task", "task_from_state"]
+__all__ = ["TASKS", "Classification", "Multilabel", "Ordinal", "Regression", "Task", "task_from_state", "task_record"]
