@@ -28,8 +28,9 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
 
 
 class Collected(Metric):
-    """Every (output, target) row of an evaluation, gathered from all processes on ``compute``
-    (for what a task learns from the whole validation split, e.g. per-tag thresholds)."""
+    """Every (output, target) row of an evaluation, gathered from all processes on ``compute``: the
+    whole split's metrics and what a task learns from it (e.g. per-tag thresholds). Each process
+    adds as many rows as the others (evaluation splits are padded), so the gather is even."""
 
     full_state_update = False
 
@@ -40,7 +41,7 @@ class Collected(Metric):
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         self.outputs.append(outputs.detach().float())
-        self.targets.append(targets.detach().float())
+        self.targets.append(targets.detach())  # class indices stay integers
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         return dim_zero_cat(self.outputs), dim_zero_cat(self.targets)

@@ -70,12 +70,14 @@ class ClassifierModule(L.LightningModule):
         # The settings that make the run what it is (`transfer.resume.run_shape`), checked on resume.
         self.run_shape: dict[str, Any] = {}
         num_classes = len(self.class_names)
-        # The task's metric on training batches (accuracy for class tasks), then validation and test.
+        # The task's metric on training batches (accuracy for class tasks).
         self.train_metric_name, self.train_metric = self.task.train_metric(num_classes)
-        self.val_metrics = self.task.metrics(num_classes, "val/")
-        self.test_metrics = self.task.metrics(num_classes, "test/")
-        self.val_outputs = Collected()  # the whole validation split, for `Task.learn_from_validation`
-        self.test_confusion = self.task.confusion(num_classes)  # None where no confusion matrix fits
+        # Validation and test outputs of the whole split, gathered from every process (each pads its
+        # share to the same length): the task's metrics, what it learns from validation (e.g. per-tag
+        # thresholds) and the test confusion matrix come from all real images at the epoch's end, on
+        # every process alike, however unevenly the padding fell (one process may have none real).
+        self.val_outputs, self.test_outputs = Collected(), Collected()
+        self.test_confusion: list[list[int]] | None = None
         # Evaluation losses as torchmetrics means weighted by real images: a process whose share is
         # only padding (labels IGNORE) adds nothing, instead of a NaN or an unweighted average.
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -161,8 +163,8 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def _evaluation_step(self, batch: Any, loss_metric: MeanMetric, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded outputs and targets of a batch's real images (padding left out), its mean loss over
-        them into the loss metric.
+        """Decoded outputs and targets of a batch (padding included: `gathered` leaves it out), its
+        mean loss over the real images into the loss metric.
 
         ``tta``: the outputs are averaged over the test-time views (`transfer.symmetries`);
         the loss stays that of the images as they are."""
@@ -179,34 +181,41 @@ class ClassifierModule(L.LightningModule):
         if views:
             probabilities = torch.stack([probabilities, *(self.task.probabilities(self(view(images)))
                                                           for view in views)]).mean(dim=0)
-        return probabilities[real], labels[real]
+        return probabilities, labels
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        probs, labels = self._evaluation_step(batch, self.val_loss)
-        self.val_outputs.update(probs, labels)
-        self.val_metrics.update(probs, labels)
+        self.val_outputs.update(*self._evaluation_step(batch, self.val_loss))
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
-        self.log_dict(self.val_metrics, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        probs, labels = self._evaluation_step(batch, self.test_loss, self.test_tta)
-        self.test_metrics.update(probs, labels)
-        if self.test_confusion is not None:
-            self.test_confusion.update(self.task.predicted(probs), labels)
+        self.test_outputs.update(*self._evaluation_step(batch, self.test_loss, self.test_tta))
         self.log("test/loss", self.test_loss, on_epoch=True)
-        self.log_dict(self.test_metrics, on_epoch=True)
+
+    def gathered(self, outputs: Collected) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's decoded outputs and targets from every process, padding left out."""
+        decoded, targets = outputs.compute()
+        outputs.reset()
+        real = self.task.real(targets)
+        return decoded[real], targets[real]
 
     def on_validation_epoch_end(self) -> None:
-        # Before the epoch's metrics are computed and the checkpoint saved, so both use what the task
-        # learns here (e.g. per-tag thresholds); every process gets the whole split.
+        # Before the checkpoint is saved, so it keeps what the task learns here (e.g. per-tag
+        # thresholds), and the metrics of this epoch use it.
         if self.val_outputs.update_count:
-            self.task.learn_from_validation(*self.val_outputs.compute())
-        self.val_outputs.reset()
+            decoded, targets = self.gathered(self.val_outputs)
+            self.task.learn_from_validation(decoded, targets)
+            # The same values on every process; sync_dist only keeps Lightning's DDP check quiet.
+            self.log_dict(self.task.metrics(len(self.class_names), "val/").to(decoded.device)(decoded, targets),
+                          prog_bar=True, sync_dist=True)
         self.log("stage", float(self.stage_index + 1))
 
-    def on_test_epoch_start(self) -> None:
-        if self.test_confusion is not None:
-            self.test_confusion.reset()
+    def on_test_epoch_end(self) -> None:
+        decoded, targets = self.gathered(self.test_outputs)
+        self.log_dict(self.task.metrics(len(self.class_names), "test/").to(decoded.device)(decoded, targets),
+                      sync_dist=True)
+        confusion = self.task.confusion(len(self.class_names))
+        self.test_confusion = (None if confusion is None else
+                               confusion.to(decoded.device)(self.task.predicted(decoded), targets).tolist())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What the task learnt by then (thresholds, target scaling) comes with the weights.

@@ -328,7 +328,7 @@ def evaluate_best(cfg: DictConfig, module: ClassifierModule, datamodule: ImageDa
     tester: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[], default_root_dir=cfg.paths.output_dir,
                                     sync_batchnorm=False)
     tested = tester.test(module, datamodule=datamodule, ckpt_path=best["path"], verbose=False)[0]
-    confusion = module.test_confusion.compute().tolist() if module.test_confusion is not None else None
+    confusion = module.test_confusion  # None for tasks without classes
     metrics = {k.removeprefix("test/"): round(float(v), 6) for k, v in tested.items()}
     names = module.class_names
     log.info("Test: %s", "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
