@@ -15,6 +15,9 @@ Per dataset:
   (grayscale, 32x32, standardised) of the same training + validation images, tested on the same
   test images the runs test on.
 
+Rows of other tasks (``metrics`` set: ELPV's defect probability as a regression, ELPV as tags)
+run the default once and print those test metrics in a table of their own.
+
 Every training run writes its own directory under ``--workdir``; minutes are wall time of the
 whole command (start-up, image scan, ``augment=auto`` probe, training and test). Datasets with
 several ``seeds`` (the few-image one) report the mean and standard deviation over them.
