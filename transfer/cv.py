@@ -38,7 +38,7 @@ from transfer.data.manifest import MANIFEST, write_manifest
 from transfer.data.splits import split_indices
 from transfer.errors import DataError, TransferError
 from transfer.inference import load_classifier
-from transfer.reports import write_csv
+from transfer.tasks.reports import write_predictions
 
 log = logging.getLogger("transfer")
 
@@ -199,13 +199,7 @@ def summarize(cfg: DictConfig, table: Any, reports: list[dict[str, Any]], held_o
 @rank_zero_only
 def write_outputs(run_dir: Path, summary: dict[str, Any], table: Any, pool: np.ndarray, oof: torch.Tensor,
                   test: np.ndarray, ensemble: torch.Tensor, task: Any) -> None:
-    names = table.class_names
-
-    def rows(indices: np.ndarray, probabilities: torch.Tensor) -> list[list[Any]]:
-        return [[table.paths[i], task.true_text(table.answers(np.array([i]))[0], names),
-                 *task.prediction_cells(row, names)] for i, row in zip(indices, probabilities)]
-
-    header = ["path", "true", *task.prediction_header(names)]
-    write_csv(run_dir / "oof_predictions.csv", header, rows(pool, oof[pool]))
-    write_csv(run_dir / "test_predictions.csv", header, rows(test, ensemble))
+    for name, rows, decoded in (("oof_predictions.csv", pool, oof[pool]), ("test_predictions.csv", test, ensemble)):
+        write_predictions(run_dir / name, task, [table.paths[i] for i in rows], decoded,
+                          torch.as_tensor(table.answers(rows)), table.class_names)
     (run_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))

@@ -10,7 +10,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -24,6 +24,24 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 
 
 KINDS = ("classes", "tags", "values")
+PAIR_SEPARATOR = ";"  # between the column=value pairs one label holds for several label columns
+
+
+def join_pairs(pairs: Iterable[tuple[str, object]]) -> str:
+    """Several named values as one label text, ``a=1;b=0`` (what `split_pairs` reads back)."""
+    return PAIR_SEPARATOR.join(f"{name}={value}" for name, value in pairs)
+
+
+def split_pairs(text: str) -> dict[str, str] | None:
+    """The ``name=value`` pairs of a label made from several label columns (`join_pairs`), or None
+    for a label of one column."""
+    if "=" not in text:
+        return None
+    pairs = {}
+    for part in (p for p in text.split(PAIR_SEPARATOR) if p.strip()):
+        name, _, value = part.partition("=")
+        pairs[name.strip()] = value.strip()
+    return pairs
 
 
 @dataclass
@@ -94,12 +112,12 @@ class ImageTable:
         if self.kind == "classes":
             return self.class_names[self.labels[row]]
         values = self.targets[row]
-        if self.kind == "tags":
-            return ";".join(name for name, value in zip(self.class_names, values) if value >= 0.5)
+        if self.kind == "tags":  # in the separator the task read them with (task.separator)
+            return self.extra.get("separator", ";").join(n for n, value in zip(self.class_names, values) if value >= 0.5)
         # str of a float32 is its shortest exact form (0.637, not 0.6370000243186951).
         if len(self.class_names) == 1:
             return str(values[0])
-        return ";".join(f"{name}={value}" for name, value in zip(self.class_names, values))
+        return join_pairs(zip(self.class_names, values))
 
     def counts(self, rows: np.ndarray | None = None) -> dict[str, int | float]:
         """Per class: images; per tag: positive images; per regression target: the mean value."""
@@ -229,7 +247,7 @@ def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_colum
     if len(label_columns) == 1:
         texts = [row[label_columns[0]].strip() for row in rows]
     else:
-        texts = [";".join(f"{column}={row[column].strip()}" for column in label_columns) for row in rows]
+        texts = [join_pairs((column, row[column].strip()) for column in label_columns) for row in rows]
     class_names = sorted(set(texts))
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index[text] for text in texts])

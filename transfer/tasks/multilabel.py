@@ -24,7 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from transfer.data.sources import ImageTable, first_row_of
+from transfer.data.sources import ImageTable, first_row_of, split_pairs
 from transfer.errors import DataError
 from transfer.tasks.base import Task
 
@@ -67,17 +67,16 @@ class Multilabel(Task):
 
     # --- labels -------------------------------------------------------------------------------
     def parse(self, text: str) -> dict[str, bool]:
-        """One label: ``a;b`` (the tags present) or ``a=1;b=0`` (a value per tag)."""
-        parts = [part.strip() for part in text.split(self.separator) if part.strip()]
-        if not any("=" in part for part in parts):
-            return {part: True for part in parts}
+        """One label: ``a;b`` (the tags present, split at ``separator``) or, from one 0/1 column per
+        tag, ``a=1;b=0`` (`transfer.data.sources.split_pairs`)."""
+        pairs = split_pairs(text)
+        if pairs is None:
+            return {part.strip(): True for part in text.split(self.separator) if part.strip()}
         tags = {}
-        for part in parts:
-            tag, _, value = part.partition("=")
-            value = value.strip().lower()
-            if value not in TRUE | FALSE:
-                raise ValueError(f"'{value}' for tag '{tag.strip()}' is not 0/1")
-            tags[tag.strip()] = value in TRUE
+        for tag, value in pairs.items():
+            if value.lower() not in TRUE | FALSE:
+                raise ValueError(f"'{value}' for tag '{tag}' is not 0/1")
+            tags[tag] = value.lower() in TRUE
         return tags
 
     def arrange(self, table: ImageTable) -> ImageTable:
@@ -100,8 +99,8 @@ class Multilabel(Task):
         self.labels = list(tags)
         per_label = np.array([[float(found.get(tag, False)) for tag in tags] for found in parsed], dtype=np.float32)
         # labels stay the index of each image's tag combination: what subsets and samplers balance.
-        return ImageTable(table.paths, table.labels, list(tags), table.splits, table.name, table.extra,
-                          kind="tags", targets=per_label[table.labels])
+        return ImageTable(table.paths, table.labels, list(tags), table.splits, table.name,
+                          {**table.extra, "separator": self.separator}, kind="tags", targets=per_label[table.labels])
 
     def fit(self, table: ImageTable, rows: np.ndarray) -> None:
         targets = table.targets[rows]
@@ -152,28 +151,28 @@ class Multilabel(Task):
         self.thresholds = [round(best_f1_threshold(probabilities[:, k], targets[:, k]), 6)
                            for k in range(probabilities.shape[1])]
 
+    def at_thresholds(self, metric: Metric) -> Metric:
+        """``metric`` of the decisions `predicted` makes (its own 0.5 then reads them unchanged)."""
+        return LambdaInputTransformer(metric, transform_pred=lambda p: self.predicted(p).float(),
+                                      transform_target=lambda t: t.long())
+
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
-        def at_thresholds(metric: Metric) -> Metric:
-            # The decision as `predicted` makes it; the metric's own 0.5 then reads it unchanged.
-            return LambdaInputTransformer(metric, transform_pred=lambda p: self.predicted(p).float(),
+        def scores(average: str) -> Metric:
+            return LambdaInputTransformer(MultilabelAveragePrecision(num_classes, average=average),
                                           transform_target=lambda t: t.long())
 
         return MetricCollection(
             {
-                "map": LambdaInputTransformer(MultilabelAveragePrecision(num_classes, average="macro"),
-                                              transform_target=lambda t: t.long()),
-                "map_micro": LambdaInputTransformer(MultilabelAveragePrecision(num_classes, average="micro"),
-                                                    transform_target=lambda t: t.long()),
-                "f1": at_thresholds(MultilabelF1Score(num_classes, average="macro")),
-                "f1_micro": at_thresholds(MultilabelF1Score(num_classes, average="micro")),
+                "map": scores("macro"),
+                "map_micro": scores("micro"),
+                "f1": self.at_thresholds(MultilabelF1Score(num_classes, average="macro")),
+                "f1_micro": self.at_thresholds(MultilabelF1Score(num_classes, average="micro")),
             },
             prefix=prefix, compute_groups=False,
         )
 
     def train_metric(self, num_classes: int) -> tuple[str, Metric]:
-        return "f1", LambdaInputTransformer(MultilabelF1Score(num_classes, average="macro"),
-                                            transform_pred=lambda p: self.predicted(p).float(),
-                                            transform_target=lambda t: t.long())
+        return "f1", self.at_thresholds(MultilabelF1Score(num_classes, average="macro"))
 
     def confusion(self, num_classes: int) -> Metric | None:
         return None

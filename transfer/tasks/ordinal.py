@@ -21,7 +21,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from transfer.data.sources import ImageTable
+from transfer.data.sources import ImageTable, first_row_of
 from transfer.errors import DataError
 from transfer.metrics import IGNORE
 from transfer.tasks.base import Task
@@ -77,11 +77,7 @@ class Ordinal(Task):
             return table
         unknown = [name for name in table.class_names if name not in self.levels]
         if unknown:
-            examples = []
-            for name in unknown[:5]:
-                row = int(np.flatnonzero(table.labels == table.class_names.index(name))[0])
-                where = f" (row {row + 2} of {table.extra['csv']})" if "csv" in table.extra else ""
-                examples.append(f"'{name}', e.g. {table.paths[row]}{where}")
+            examples = [f"'{name}', e.g. {first_row_of(table, table.class_names.index(name))}" for name in unknown[:5]]
             raise DataError(f"Labels outside task.levels={self.levels}: " + "; ".join(examples)
                             + ". Fix the labels, or add the grade to task.levels in its place.")
         to_level = np.array([self.levels.index(name) for name in table.class_names], dtype=np.int64)

@@ -28,7 +28,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, Multicl
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from transfer.data.sources import ImageTable, first_row_of
+from transfer.data.sources import ImageTable, first_row_of, split_pairs
 from transfer.errors import DataError
 from transfer.tasks.base import Task
 
@@ -62,14 +62,12 @@ class Regression(Task):
 
     # --- labels -------------------------------------------------------------------------------
     def parse(self, text: str) -> dict[str | None, float]:
-        """One label: ``0.33`` (one target) or ``age=31;score=0.8`` (a value per target)."""
-        if "=" not in text:
+        """One label: ``0.33`` (one target) or, from one column per target, ``age=31;score=0.8``
+        (`transfer.data.sources.split_pairs`)."""
+        pairs = split_pairs(text)
+        if pairs is None:
             return {None: float(text)}
-        values = {}
-        for part in (p for p in text.split(";") if p.strip()):
-            name, _, value = part.partition("=")
-            values[name.strip()] = float(value)
-        return values
+        return {name: float(value) for name, value in pairs.items()}
 
     def arrange(self, table: ImageTable) -> ImageTable:
         if table.kind == "values":

@@ -42,10 +42,13 @@ def confident_mistakes(probs: torch.Tensor, predicted: torch.Tensor, labels: tor
     return wrong[order][:count].tolist()
 
 
-def prediction_rows(task: "Task", paths: Sequence[str], decoded: torch.Tensor, answers: torch.Tensor,
-                    names: Sequence[str]) -> list[list[str]]:
-    return [[path, task.true_text(answer.numpy(), names), *task.prediction_cells(row, names)]
-            for path, answer, row in zip(paths, answers, decoded)]
+def write_predictions(path: Path, task: "Task", paths: Sequence[str], decoded: torch.Tensor, answers: torch.Tensor,
+                      names: Sequence[str]) -> None:
+    """One row per image: its path, its label and the task's prediction columns (as predict.py writes
+    them); evaluate's and cross-validation's predictions files."""
+    write_csv(path, ["path", "true", *task.prediction_header(names)],
+              [[image, task.true_text(answer.numpy(), names), *task.prediction_cells(row, names)]
+               for image, answer, row in zip(paths, answers, decoded)])
 
 
 def class_report(task: "Task", out_dir: Path, paths: Sequence[str], probs: torch.Tensor, labels: torch.Tensor,
@@ -55,8 +58,7 @@ def class_report(task: "Task", out_dir: Path, paths: Sequence[str], probs: torch
     per_class = per_class_report(predicted, labels, names)
     mistakes = confident_mistakes(probs, predicted, labels, gallery_size)
     write_csv(out_dir / "per_class.csv", list(per_class[0]), [list(row.values()) for row in per_class])
-    write_csv(out_dir / "predictions.csv", ["path", "true", *task.prediction_header(names)],
-              prediction_rows(task, paths, probs, labels, names))
+    write_predictions(out_dir / "predictions.csv", task, paths, probs, labels, names)
     accuracy = float((predicted == labels).float().mean())
     confusion_figure(matrix, names, out_dir / "confusion_matrix.png", f"{title}: accuracy {accuracy:.2%}")
     if mistakes:
@@ -85,8 +87,7 @@ def tag_report(task: "Task", out_dir: Path, paths: Sequence[str], probs: torch.T
                           "precision": round(precision, 6), "recall": round(recall, 6), "f1": round(f1, 6),
                           "support": positives})
     write_csv(out_dir / "per_label.csv", list(per_label[0]), [list(row.values()) for row in per_label])
-    write_csv(out_dir / "predictions.csv", ["path", "true", *task.prediction_header(names)],
-              prediction_rows(task, paths, probs, targets, names))
+    write_predictions(out_dir / "predictions.csv", task, paths, probs, targets, names)
     return {"per_label": per_label, "label_names": list(names), "files": ["per_label.csv", "predictions.csv"]}
 
 
