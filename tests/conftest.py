@@ -65,6 +65,38 @@ def write_image_folder(root: Path, per_class: int = 12, size: int = 40, classes=
     return root
 
 
+def write_tagged_images(root: Path, count: int = 48, seed: int = 0) -> Path:
+    """Two independent tags: ``bright`` (the brightness) and ``vertical`` (the stripes' direction).
+    labels.csv has them as separated tags (``tags``), as 0/1 columns, and a brightness ``value``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    size = 40
+    stripes = (np.arange(size) // 4 % 2).astype(np.float32)
+    rows = []
+    for index in range(count):
+        bright, vertical = index % 2, (index // 2) % 2
+        value = float(rng.uniform(0.55, 1.0) if bright else rng.uniform(0.0, 0.45))
+        pixels = 40 + 160 * value + 50 * (stripes[None, :] if vertical else stripes[:, None])
+        pixels = pixels + rng.normal(0, 10, (size, size))
+        name = f"{index:03d}.png"
+        Image.fromarray(np.clip(np.stack([pixels] * 3, -1), 0, 255).astype(np.uint8)).save(root / name)
+        tags = ";".join(tag for tag, on in (("bright", bright), ("vertical", vertical)) if on)
+        rows.append(f"{name},{tags},{bright},{vertical},{value:.4f}\n")
+    (root / "labels.csv").write_text("path,tags,bright,vertical,value\n" + "".join(rows))
+    return root / "labels.csv"
+
+
+def train_on_tagged_images(tmp_path: Path, label_column: str, *task: str) -> dict:
+    """A short run of ``task`` on `write_tagged_images` (its ``label_column``), trained from scratch."""
+    from transfer.run import train
+
+    labels = write_tagged_images(tmp_path / "images")
+    results = train(compose_config([*FAST, "data=csv", f"data.csv={labels}", f"data.source.label_column={label_column}",
+                                    *task, "augment=none", "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
+                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run"))
+    return {"labels": labels, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images", per_class=16)

@@ -107,7 +107,7 @@ def test_a_cross_validation_resumes_fold_by_fold(cv_run: dict) -> None:
 @pytest.mark.parametrize("task", ["multilabel", "regression"])
 def test_cross_validation_follows_the_task(task: str, tmp_path: Path) -> None:
     """Tags are folded by iterative stratification; the ensemble averages tag probabilities or values."""
-    from tests.test_multilabel import write_tagged_images
+    from tests.conftest import write_tagged_images
 
     labels = write_tagged_images(tmp_path / "images", count=32)
     column = "tags" if task == "multilabel" else "value"

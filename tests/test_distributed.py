@@ -215,7 +215,7 @@ def test_cross_validation_runs_its_folds_on_two_processes(tmp_path: Path) -> Non
 def test_tags_and_values_on_two_processes_match_one_process(task: str, column: str, count: int, tmp_path: Path) -> None:
     """Float targets: evaluation padding (NaN rows) counts nowhere, and what the task learns from the
     whole validation split (per-tag thresholds) is the same on both processes and as on one."""
-    from tests.test_multilabel import write_tagged_images
+    from tests.conftest import write_tagged_images
 
     labels = write_tagged_images(tmp_path / "images", count=count)
     common = [*(o for o in COMMON if o != "data=folder"), "data=csv", f"data.csv={labels}",

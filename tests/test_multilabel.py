@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
-from tests.conftest import FAST, command_config, compose_config
+from tests.conftest import FAST, command_config, compose_config, train_on_tagged_images, write_tagged_images
 from transfer.data.sources import csv_manifest, elpv
 from transfer.data.splits import split_indices
 from transfer.errors import DataError, TransferError
@@ -26,29 +26,6 @@ from transfer.predict import predict
 from transfer.run import train
 from transfer.tasks import Multilabel
 from transfer.tasks.multilabel import best_f1_threshold
-
-SIZE = 40
-
-
-def write_tagged_images(root: Path, count: int = 48, seed: int = 0) -> Path:
-    """Two independent tags: ``bright`` (the brightness) and ``vertical`` (the stripes' direction).
-    labels.csv has them as separated tags (``tags``), as 0/1 columns, and a brightness ``value``."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    stripes = (np.arange(SIZE) // 4 % 2).astype(np.float32)
-    rows = []
-    for index in range(count):
-        bright, vertical = index % 2, (index // 2) % 2
-        value = float(rng.uniform(0.55, 1.0) if bright else rng.uniform(0.0, 0.45))
-        pixels = 40 + 160 * value + 50 * (stripes[None, :] if vertical else stripes[:, None])
-        pixels = pixels + rng.normal(0, 10, (SIZE, SIZE))
-        name = f"{index:03d}.png"
-        Image.fromarray(np.clip(np.stack([pixels] * 3, -1), 0, 255).astype(np.uint8)).save(root / name)
-        tags = ";".join(tag for tag, on in (("bright", bright), ("vertical", vertical)) if on)
-        rows.append(f"{name},{tags},{bright},{vertical},{value:.4f}\n")
-    (root / "labels.csv").write_text("path,tags,bright,vertical,value\n" + "".join(rows))
-    return root / "labels.csv"
-
 
 def test_tags_come_from_separated_labels_or_from_0_1_columns(tmp_path: Path) -> None:
     labels = write_tagged_images(tmp_path / "images", count=8)
@@ -132,13 +109,8 @@ def test_loss_and_metrics_match_torch_and_scikit_learn() -> None:
 
 @pytest.fixture(scope="module")
 def tagged_run(tmp_path_factory) -> dict:
-    tmp_path = tmp_path_factory.mktemp("multilabel")
-    labels = write_tagged_images(tmp_path / "images")
-    results = train(compose_config([*FAST, "data=csv", f"data.csv={labels}", "data.source.label_column=tags",
-                                    "task=multilabel", "task.pos_weight=balanced", "augment=none",
-                                    "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
-                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run"))
-    return {"labels": labels, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
+    return train_on_tagged_images(tmp_path_factory.mktemp("multilabel"), "tags", "task=multilabel",
+                                  "task.pos_weight=balanced")
 
 
 def test_multilabel_run_reports_map_and_saves_per_tag_thresholds(tagged_run: dict) -> None:
@@ -231,7 +203,6 @@ def test_the_server_answers_with_tags_at_the_saved_thresholds(tagged_run: dict) 
 
 def test_tag_folders_join_an_images_copies_into_one_image_with_every_tag(tmp_path: Path) -> None:
     from transfer.data.sources import tag_folders
-    from tests.conftest import compose_config as compose
 
     image = Image.new("RGB", (8, 8))
     for tag, names in (("fried", ["a", "b"]), ("spicy", ["b", "c"]), ("none", ["d"])):
@@ -245,5 +216,18 @@ def test_tag_folders_join_an_images_copies_into_one_image_with_every_tag(tmp_pat
     image.save(tmp_path / "none" / "a.png")
     with pytest.raises(DataError, match="'a.png' is in the untagged folder 'none' and in tag folder"):
         tag_folders(tmp_path, untagged="none")
-    cfg = compose(["data=tag_folders", f"data.root={tmp_path}", "task=multilabel"])
+    cfg = compose_config(["data=tag_folders", f"data.root={tmp_path}", "task=multilabel"])
     assert cfg.data.source._target_.endswith("tag_folders") and cfg.data.source.root == str(tmp_path)
+
+
+def test_a_custom_separator_reads_tags_and_split_csv_writes_them_back_the_same(tmp_path: Path) -> None:
+    """``task.separator`` splits one label column; 0/1 columns are read the same whatever it is."""
+    labels = write_tagged_images(tmp_path / "images", count=8)
+    labels.write_text(labels.read_text().replace("bright;vertical", "bright|vertical"))
+    task = Multilabel(separator="|")
+    table = task.arrange(csv_manifest(labels, label_column="tags"))
+    columns = Multilabel(separator="|").arrange(csv_manifest(labels, label_column=["bright", "vertical"]))
+    np.testing.assert_array_equal(table.targets, columns.targets)
+    assert table.label_text(3) == "bright|vertical"
+    reread = Multilabel(separator="|").parse(table.label_text(3))
+    assert reread == {"bright": True, "vertical": True}

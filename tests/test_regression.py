@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
 
-from tests.conftest import FAST, command_config, compose_config
-from tests.test_multilabel import write_tagged_images
+from tests.conftest import command_config, train_on_tagged_images, write_tagged_images
 from transfer.data.images import load_rgb
 from transfer.data.sources import csv_manifest, elpv
 from transfer.data.splits import split_indices
@@ -24,7 +23,6 @@ from transfer.explain import explain_files
 from transfer.export import export
 from transfer.inference import load_classifier, read_checkpoint
 from transfer.predict import predict
-from transfer.run import train
 from transfer.tasks import Regression
 
 
@@ -90,13 +88,8 @@ def test_regression_metrics_match_scikit_learn() -> None:
 
 @pytest.fixture(scope="module")
 def valued_run(tmp_path_factory) -> dict:
-    tmp_path = tmp_path_factory.mktemp("regression")
-    labels = write_tagged_images(tmp_path / "images")
-    results = train(compose_config([*FAST, "data=csv", f"data.csv={labels}", "data.source.label_column=value",
-                                    "task=regression", "task.threshold=0.5", "augment=none",
-                                    "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
-                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run"))
-    return {"labels": labels, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
+    return train_on_tagged_images(tmp_path_factory.mktemp("regression"), "value", "task=regression",
+                                  "task.threshold=0.5")
 
 
 def test_regression_run_learns_the_value_and_saves_its_scaling(valued_run: dict) -> None:
