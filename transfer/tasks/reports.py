@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision,
-                                         MulticlassRecall, MultilabelAveragePrecision)
+                                         MulticlassRecall, MultilabelAveragePrecision, MultilabelF1Score,
+                                         MultilabelPrecision, MultilabelRecall)
 
 from transfer.reports import confusion_figure, gallery_figure, plt, write_csv
 
@@ -72,20 +73,17 @@ def class_report(task: "Task", out_dir: Path, paths: Sequence[str], probs: torch
 
 def tag_report(task: "Task", out_dir: Path, paths: Sequence[str], probs: torch.Tensor, targets: torch.Tensor,
                names: Sequence[str]) -> dict[str, Any]:
-    truth = targets.long()
-    predicted = task.predicted(probs)
-    average_precision = MultilabelAveragePrecision(len(names), average=None)(probs, truth).tolist()
+    truth, decided = targets.long(), task.predicted(probs).float()
+    n = len(names)
+    average_precision = MultilabelAveragePrecision(n, average=None)(probs, truth).tolist()
     thresholds = task.threshold_tensor(probs).tolist()  # type: ignore[attr-defined]
-    per_label = []
-    for k, name in enumerate(names):
-        hits = int(((predicted[:, k] == 1) & (truth[:, k] == 1)).sum())
-        said, positives = int(predicted[:, k].sum()), int(truth[:, k].sum())
-        precision = hits / said if said else 0.0
-        recall = hits / positives if positives else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_label.append({"label": name, "ap": round(average_precision[k], 6), "threshold": round(thresholds[k], 6),
-                          "precision": round(precision, 6), "recall": round(recall, 6), "f1": round(f1, 6),
-                          "support": positives})
+    columns = {"precision": MultilabelPrecision(n, average=None), "recall": MultilabelRecall(n, average=None),
+               "f1": MultilabelF1Score(n, average=None)}  # of the decisions at the thresholds
+    values = {name: metric(decided, truth).tolist() for name, metric in columns.items()}
+    support = truth.sum(dim=0).tolist()
+    per_label = [{"label": name, "ap": round(average_precision[k], 6), "threshold": round(thresholds[k], 6),
+                  **{column: round(v[k], 6) for column, v in values.items()}, "support": int(support[k])}
+                 for k, name in enumerate(names)]
     write_csv(out_dir / "per_label.csv", list(per_label[0]), [list(row.values()) for row in per_label])
     write_predictions(out_dir / "predictions.csv", task, paths, probs, targets, names)
     return {"per_label": per_label, "label_names": list(names), "files": ["per_label.csv", "predictions.csv"]}
