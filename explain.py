@@ -1,6 +1,6 @@
 """Saliency overlays for a trained checkpoint: ``python explain.py ckpt=PATH inputs=FOLDER|FILE|GLOB``."""
 
-from transfer.commands import explain
+from transfer.cli.commands import explain
 
 if __name__ == "__main__":
     explain()

@@ -28,7 +28,7 @@ def measure(model_name: str, batch: int, size: int, channels_last: bool, malloc_
     import timm
     import torch
 
-    from transfer.runtime import keep_freed_memory
+    from transfer.training.runtime import keep_freed_memory
 
     if malloc_tuning:
         keep_freed_memory()

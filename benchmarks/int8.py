@@ -54,8 +54,8 @@ def main() -> None:
     import onnxruntime
 
     from transfer.data.images import load_rgb
-    from transfer.evaluate import evaluation_images
-    from transfer.inference import load_classifier
+    from transfer.inference.evaluate import evaluation_images
+    from transfer.model.classifier import load_classifier
     from omegaconf import OmegaConf
 
     classifier = load_classifier(args.ckpt, "cpu")

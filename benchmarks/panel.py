@@ -71,7 +71,7 @@ PANEL = [
     PanelDataset("elpv_defective_5min", ["data=elpv", "budget.minutes=5"]),  # the default within 5 minutes
     # Severity: grades as ordinal, and the two treatments of its imbalance (rarest class under 10%).
     PanelDataset("elpv_severity", ["data=elpv_severity"],
-                 [["task=ordinal"], ["class_weights=balanced"], ["data.sampler=balanced"]], ordered=True),
+                 [["task=ordinal"], ["task.class_weights=balanced"], ["data.sampler=balanced"]], ordered=True),
     PanelDataset("elpv_cell_type", ["data=elpv_cell_type"]),
     # The defect probability regressed and thresholded at 0.5 (Deitsch et al. 2019's formulation), on
     # elpv_defective's split; ELPV as two tags per cell (defective, poly).
@@ -140,7 +140,6 @@ def accuracy(results: dict) -> str:
 def pixel_baseline(overrides: list[str], size: int = 32) -> tuple[float, str]:
     """Test accuracy of the better of logistic regression and an RBF SVM (scikit-learn defaults) on
     raw pixels (grayscale, ``size`` x ``size``, standardised), on the split the toolkit's runs use."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from PIL import Image
     from sklearn.linear_model import LogisticRegression
@@ -148,13 +147,13 @@ def pixel_baseline(overrides: list[str], size: int = 32) -> tuple[float, str]:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    from transfer.data.sources import subsample
+    from transfer.config.compose import compose
     from transfer.data.splits import split_indices
+    from transfer.data.table import subsample
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose("train", overrides, output_dir="unused")
     table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    splits = split_indices(table.labels, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed, table.splits)
+    splits = split_indices(table.labels, cfg.data.split.test, cfg.data.split.val, cfg.seed, table.splits)
 
     def pixels(rows: np.ndarray) -> np.ndarray:
         return np.stack([np.asarray(Image.open(table.paths[i]).convert("L").resize((size, size), Image.BILINEAR),

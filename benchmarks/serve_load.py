@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.serve import stop_server_process
+from transfer.inference.serve import stop_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,8 +132,8 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    from transfer.evaluate import evaluation_images
-    from transfer.inference import load_classifier
+    from transfer.inference.evaluate import evaluation_images
+    from transfer.model.classifier import load_classifier
 
     task = load_classifier(args.ckpt, "cpu").task
     table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test",

@@ -29,35 +29,29 @@ STAGES = [("head only", 0), ("partial", None), ("full", "all")]  # None: --unfre
 
 
 def compose(args: argparse.Namespace, unfreeze: int | str, extra: list[str] = ()) -> Any:
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from transfer.config.compose import compose as compose_config
 
     overrides = [f"trainer={args.trainer}", "schedule=head_only", f"schedule.stages.0.unfreeze={unfreeze}",
                  f"data.batch_size={args.batch}", f"input.size={args.size}", "logger=csv",
+                 "runtime.image_check=false", "schedule.min_steps=0",
                  *([f"data.num_workers={args.workers}"] if args.workers is not None else []), *extra]
     if args.model != "tf_efficientnet_lite0":
-        overrides += ["backbone=timm", f"backbone.name={args.model}", "backbone.pretrained=false"]  # speed only
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+        overrides += ["backbone=timm", f"backbone.name={args.model}", "backbone.weights=none"]  # speed only
+    return compose_config("train", overrides, output_dir=tempfile.mkdtemp(prefix="speed-"))
 
 
 def setup(cfg: Any) -> tuple[Any, Any]:
-    """The toolkit's own module and datamodule for this config, as ``train.py`` builds them."""
+    """The toolkit's own module and datamodule for this config, as ``train.py`` plans them."""
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import open_dict
 
-    from transfer.data.sources import subsample
-    from transfer.run import build_datamodule, build_module
-    from transfer.runtime import configure_process
-    from transfer.schedule import parse_stages
+    from transfer.training.planner import plan_run
+    from transfer.training.runtime import configure_process
 
     configure_process(cfg.runtime.malloc_tuning)
     torch.manual_seed(0)
-    table = subsample(instantiate(cfg.data.source), cfg.data.get("max_images"), cfg.seed)
-    module, input_config = build_module(cfg, table.num_classes, table.class_names, parse_stages(cfg.schedule.stages))
-    with open_dict(cfg):
-        cfg.input = input_config
-    return module, build_datamodule(cfg, table, input_config)
+    planned = plan_run(cfg, [], time.perf_counter())
+    planned.module.set_stage(planned.plan.stages[0], 0)
+    return planned.module, planned.datamodule
 
 
 def peak_memory() -> dict[str, float]:
@@ -88,7 +82,7 @@ def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str]
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from transfer.run import instantiate_named
+    from transfer.training.fit import instantiate_named
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -103,7 +97,6 @@ def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str]
         with open_dict(cfg):
             cfg.paths.output_dir = run_dir
         module, datamodule = setup(cfg)
-        module.set_stage(0)
         timer = StepTimer()
         trainer = instantiate(cfg.trainer, max_epochs=1, limit_train_batches=args.warmup + args.steps,
                               limit_val_batches=0, enable_checkpointing=False, logger=instantiate_named(cfg, "logger"),
@@ -117,7 +110,7 @@ def cached_cell(args: argparse.Namespace) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from transfer.feature_cache import FeatureDataModule
+    from transfer.training.feature_cache import FeatureDataModule
 
     class EpochTimer(L.Callback):
         seconds: list[float] = []
@@ -130,7 +123,7 @@ def cached_cell(args: argparse.Namespace) -> dict[str, float]:
 
     cfg = compose(args, 0, ["augment=none", "feature_cache=true"])
     module, images = setup(cfg)
-    module.set_stage(0, features_cached=True)
+    module.set_stage(module.stage, 0, features_cached=True)
     features = FeatureDataModule(images, module.model, module.channels_last)
     started = time.perf_counter()
     features.setup("fit")
@@ -151,7 +144,7 @@ def plain_cell(args: argparse.Namespace, unfreeze: int | str) -> dict[str, float
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from transfer.freezing import freeze_frozen_modules, set_trainable
+    from transfer.model.freezing import freeze_frozen_modules, set_trainable
 
     cfg = compose(args, unfreeze)
     module, datamodule = setup(cfg)  # the same model object and dataset; nothing of Lightning runs
@@ -253,7 +246,7 @@ def main() -> None:
 
     from omegaconf import OmegaConf
 
-    workers = args.workers if args.workers is not None else OmegaConf.load(ROOT / "conf/data/elpv.yaml").num_workers
+    workers = args.workers if args.workers is not None else OmegaConf.load(ROOT / "conf/data/base.yaml").num_workers
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.steps} timed batches per cell "
           f"after {args.warmup} warm-up, trainer={args.trainer}, {os.cpu_count()} CPUs, "
           f"{workers} DataLoader worker(s){', torch.compile' if args.compile else ''}\n", flush=True)

@@ -1,104 +1,19 @@
-"""Shared fixtures: configs composed the way train.py composes them, and small image trees."""
+"""Shared pytest fixtures: small image trees and a loopback HTTP server (helpers: tests/fixtures.py)."""
 
 from __future__ import annotations
 
 import http.server
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
-from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]  # the repo: train.py, conf/
-CONF_DIR = str(ROOT / "conf")
-
-# Short, small runs: a tiny timm model at 32 px, two 1-epoch stages, no worker processes.
-FAST = [
-    "backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false",
-    "input.size=32", "augment=light", "data.num_workers=0", "data.batch_size=8",
-    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.stages.1.unfreeze=1",
-    "schedule.min_steps=0",
-    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-]
-
-
-def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
-def command_config(name: str, out_dir: Path, overrides: list[str]) -> DictConfig:
-    """conf/<name>.yaml (evaluate, predict, explain, export) composed with ``overrides``, writing to ``out_dir``."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
-
-
-def make_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Class 0: dark with horizontal stripes; class 1: bright with vertical stripes; plus noise."""
-    base = np.zeros((size, size), dtype=np.float32)
-    stripes = (np.arange(size) // 4 % 2).astype(np.float32)
-    base += stripes[:, None] if label == 0 else stripes[None, :]
-    level = 60 if label == 0 else 170
-    pixels = level + 60 * base + rng.normal(0, 15, (size, size))
-    rgb = np.stack([pixels, pixels * 0.9, pixels * 0.8], axis=-1)
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-
-
-def write_image_folder(root: Path, per_class: int = 12, size: int = 40, classes=("cat", "dog"),
-                       seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            make_image(label % 2, size, rng).save(root / name / f"{name}_{index:03d}.png")
-    return root
-
-
-def write_tagged_images(root: Path, count: int = 48, seed: int = 0) -> Path:
-    """Two independent tags: ``bright`` (the brightness) and ``vertical`` (the stripes' direction).
-    labels.csv has them as separated tags (``tags``), as 0/1 columns, and a brightness ``value``."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    size = 40
-    stripes = (np.arange(size) // 4 % 2).astype(np.float32)
-    rows = []
-    for index in range(count):
-        bright, vertical = index % 2, (index // 2) % 2
-        value = float(rng.uniform(0.55, 1.0) if bright else rng.uniform(0.0, 0.45))
-        pixels = 40 + 160 * value + 50 * (stripes[None, :] if vertical else stripes[:, None])
-        pixels = pixels + rng.normal(0, 10, (size, size))
-        name = f"{index:03d}.png"
-        Image.fromarray(np.clip(np.stack([pixels] * 3, -1), 0, 255).astype(np.uint8)).save(root / name)
-        tags = ";".join(tag for tag, on in (("bright", bright), ("vertical", vertical)) if on)
-        rows.append(f"{name},{tags},{bright},{vertical},{value:.4f}\n")
-    (root / "labels.csv").write_text("path,tags,bright,vertical,value\n" + "".join(rows))
-    return root / "labels.csv"
-
-
-def train_on_tagged_images(tmp_path: Path, label_column: str, *task: str) -> dict:
-    """A short run of ``task`` on `write_tagged_images` (its ``label_column``), trained from scratch."""
-    from transfer.run import train
-
-    labels = write_tagged_images(tmp_path / "images")
-    results = train(compose_config([*FAST, "data=csv", f"data.csv={labels}", f"data.source.label_column={label_column}",
-                                    *task, "augment=none", "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
-                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run"))
-    return {"labels": labels, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
 
 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
+    from tests.fixtures import write_image_folder  # here, so that collecting a test imports nothing of transfer
+
     return write_image_folder(tmp_path / "images", per_class=16)
 
 
@@ -109,10 +24,10 @@ def loopback_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     served.mkdir()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             super().__init__(*args, directory=str(served), **kwargs)
 
-        def log_message(self, *args) -> None:
+        def log_message(self, *args: object) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

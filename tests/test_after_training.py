@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import FAST, ROOT, command_config, compose_config, write_image_folder
+from tests.fixtures import train_run, FAST, ROOT, command_config, compose_config, write_image_folder
 from transfer.errors import DataError, TransferError
-from transfer.evaluate import evaluate
-from transfer.explain import explain_files
-from transfer.export import export
-from transfer.inference import load_classifier
-from transfer.predict import predict
-from transfer.run import train
-from transfer.saliency import grad_cam, gradient_map
+from transfer.inference.evaluate import evaluate
+from transfer.inference.explain import explain_files
+from transfer.inference.export import export
+from transfer.model.classifier import load_classifier
+from transfer.inference.predict import predict
+from transfer.inference.saliency import grad_cam, gradient_map
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +32,8 @@ def trained(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("trained")
     images = write_image_folder(tmp_path / "images", per_class=24, size=48)
     run_dir = tmp_path / "run"
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "schedule.stages.0.epochs=2",
-                                    "schedule.stages.1.epochs=2"], run_dir))
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "schedule.stages.0.epochs=2",
+                                    "schedule.stages.1.epochs=2"], run_dir)
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
 
 
@@ -118,7 +117,8 @@ def test_flip_tta_averages_the_views_and_is_flip_invariant(trained) -> None:
 
 
 def test_auto_tta_uses_the_symmetries_the_model_was_trained_with(trained) -> None:
-    from transfer.symmetries import symmetries_of, views_for
+    from transfer.augment.symmetries import symmetries_of
+    from transfer.model.tta import views_for
 
     # The fixture trains with augment=light (a crop and a mirror image): the checkpoint says so.
     assert trained["results"]["augment"]["symmetries"] == ["hflip"]
@@ -277,14 +277,14 @@ def test_timm_loads_the_exported_classifier_and_training_continues_from_it(train
         difference = (model(images) - classifier.model(images)).abs().max().item()
     assert difference <= 1e-5
     # ... and fine-tuning continues from it: the same classes keep its head.
-    results = train(compose_config([*FAST, "data=folder", f"data.root={trained['images']}", "augment=none",
-                                    f"backbone.weights=local-dir:{out / 'timm'}", "backbone.pretrained=true"],
-                                   tmp_path / "continued"))
+    results = train_run([*FAST, "data=folder", f"data.root={trained['images']}", "augment=none",
+                                    f"backbone.weights=local-dir:{out / 'timm'}"],
+                                   tmp_path / "continued")
     assert results["stages"][0]["best_val/acc"] >= 0.9  # starts from a trained classifier, not from scratch
     with pytest.raises(Exception, match="holds a 'test_resnet'"):  # Hydra wraps the TransferError
-        train(compose_config([*FAST, "data=folder", f"data.root={trained['images']}", "backbone.name=test_vit",
-                              f"backbone.weights=local-dir:{out / 'timm'}", "backbone.pretrained=true"],
-                             tmp_path / "wrong"))
+        train_run([*FAST, "data=folder", f"data.root={trained['images']}", "backbone.name=test_vit",
+                              f"backbone.weights=local-dir:{out / 'timm'}"],
+                             tmp_path / "wrong")
 
 
 @pytest.mark.slow
@@ -303,12 +303,12 @@ def test_commands_run_from_the_command_line(trained, tmp_path: Path) -> None:
 
 def test_the_runs_own_test_can_average_test_time_views_as_evaluate_does(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=12, size=48)
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "test_tta=flips"], tmp_path / "run"))
-    assert results["test_tta"] == "flips"
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "tta=flips"], tmp_path / "run")
+    assert results["tta"] == "flips"
     report = evaluate(command_config("evaluate", tmp_path / "eval", [f"ckpt={results['best_checkpoint']['path']}",
                                                                     "tta=flips"]))
     for name in ("acc", "f1", "auroc"):
         assert report["metrics"][name] == pytest.approx(results["test"][name], abs=1e-6)
     assert report["confusion_matrix"] == results["confusion_matrix"]
     with pytest.raises(TransferError, match="Unknown test-time augmentation 'mirror'"):
-        train(compose_config([*FAST, "data=folder", f"data.root={images}", "test_tta=mirror"], tmp_path / "bad"))
+        train_run([*FAST, "data=folder", f"data.root={images}", "tta=mirror"], tmp_path / "bad")

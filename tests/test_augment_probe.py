@@ -18,13 +18,12 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from tests.conftest import compose_config
-from transfer.augment_probe import ProbeSettings, consistent_geometry, judge, pipeline_nodes
+from tests.fixtures import compose_config, train_run
+from transfer.augment.probe import ProbeSettings, consistent_geometry, judge, pipeline_nodes
 from transfer.errors import TransferError
-from transfer.run import train
 
 PROBE_RUN = [
-    "data=folder", "input.size=64", "data.num_workers=0", "data.batch_size=16", "data.test_fraction=0.1",
+    "data=folder", "input.size=64", "data.num_workers=0", "data.batch_size=16", "data.split.test=0.1",
     "schedule=head_only", "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false",
     "augment.probe.crop_scales=[0.5]", "augment.probe.folds=4",
 ]
@@ -59,7 +58,7 @@ def write_folder(root: Path, draw, names: tuple[str, str], per_class: int = 30, 
 
 
 def probe_run(root: Path, run_dir: Path, *extra: str) -> dict:
-    return train(compose_config([*PROBE_RUN, f"data.root={root}", *extra], output_dir=run_dir))
+    return train_run([*PROBE_RUN, f"data.root={root}", *extra], run_dir)
 
 
 def test_probe_keeps_mirrors_and_rejects_turns_on_stripes(tmp_path: Path) -> None:
@@ -109,19 +108,18 @@ def test_probe_is_deterministic_for_a_seed(tmp_path: Path) -> None:
 
 def test_an_explicit_augment_wins_over_auto(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=8)
-    cfg = compose_config([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], output_dir=tmp_path / "run")
-    assert not cfg.augment.get("auto")
-    results = train(cfg)
-    assert results["augment"] == {"train": [], "symmetries": []}
+    assert not compose_config([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"]).augment.get("auto")
+    results = train_run([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], tmp_path / "run")
+    assert results["augment"] == {"name": "none", "chosen_by": "augment= given", "train": None, "symmetries": []}
     assert compose_config(["data=folder", "data.root=x"]).augment.auto is True
     assert compose_config(["data=csv", "data.csv=x"]).augment.auto is True
     assert compose_config([]).augment.get("auto") is None  # ELPV names its own (cells)
 
 
 def test_auto_augment_and_feature_cache_do_not_mix(tmp_path: Path) -> None:
-    cfg = compose_config([*PROBE_RUN, "data.root=unused", "feature_cache=true"], output_dir=tmp_path / "run")
+    root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=4)
     with pytest.raises(TransferError, match="augment=none"):
-        train(cfg)
+        train_run([*PROBE_RUN, f"data.root={root}", "feature_cache=true"], tmp_path / "run")
 
 
 def evidence_of(changes: dict[str, float]) -> dict:
@@ -180,7 +178,7 @@ def test_a_probe_that_keeps_nothing_leaves_the_run_as_augment_none(tmp_path: Pat
     root = write_folder(tmp_path / "arrows", arrow, ("left", "right"), per_class=16)
     nothing = probe_run(root, tmp_path / "auto", "augment.probe.recognition_tolerance=-1")
     assert nothing["augment"]["train"] is None
-    plain = train(compose_config([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], output_dir=tmp_path / "none"))
+    plain = train_run([*PROBE_RUN[:-2], f"data.root={root}", "augment=none"], tmp_path / "none")
     assert nothing["test"] == plain["test"]
     assert nothing["best_checkpoint"]["score"] == plain["best_checkpoint"]["score"]
 

@@ -18,13 +18,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tests.conftest import FAST, ROOT, compose_config, make_image, write_image_folder
-from transfer.checkpoint_io import atomic_torch_save
+from tests.fixtures import FAST, ROOT, compose_config, make_image, train_config, train_run, write_image_folder
+from transfer.training.checkpoint_io import atomic_torch_save
 from transfer.data.datamodule import ImageDataset
 from transfer.data.scan import find_bad_images
 from transfer.data.transforms import eval_transform
 from transfer.errors import DataError, ImageReadError
-from transfer.run import train
 
 INPUT = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
 
@@ -80,12 +79,12 @@ def test_training_stops_on_bad_files_with_a_list_or_skips_them(tmp_path: Path, l
     bad = add_bad_files(folder / "dog")
     overrides = [*FAST, "data=folder", f"data.root={folder}"]
     with pytest.raises(DataError, match="4 of 28 images") as raised:
-        train(compose_config(overrides, tmp_path / "stopped"))
+        train_run(overrides, tmp_path / "stopped")
     assert all(str(path) in str(raised.value) for path in bad.values())
     assert "runtime.bad_images=skip" in str(raised.value)
     assert (tmp_path / "stopped" / "bad_images.csv").read_text().count("\n") == 5
 
-    results = train(compose_config([*overrides, "runtime.bad_images=skip"], tmp_path / "skipped"))
+    results = train_run([*overrides, "runtime.bad_images=skip"], tmp_path / "skipped")
     assert sorted(results["skipped_images"]) == sorted(str(p) for p in bad.values())
     assert sum(sum(split.values()) for split in results["split_counts"].values()) == 24
 
@@ -137,11 +136,11 @@ def test_imbalance_warns_and_balanced_weights_enter_the_loss(tmp_path: Path, cap
     write_image_folder(folder, per_class=6, classes=("scratch",), seed=1)
     overrides = [*FAST, "data=folder", f"data.root={folder}"]
     with caplog.at_level(logging.WARNING, logger="transfer"):
-        results = train(compose_config(overrides, tmp_path / "plain"))
+        results = train_run(overrides, tmp_path / "plain")
     assert results["class_weights"] is None
-    assert any("imbalanced" in record.getMessage() and "class_weights=balanced" in record.getMessage()
+    assert any("imbalanced" in record.getMessage() and "task.class_weights=balanced" in record.getMessage()
                for record in caplog.records)
-    weighted = train(compose_config([*overrides, "class_weights=balanced"], tmp_path / "weighted"))
+    weighted = train_run([*overrides, "task.class_weights=balanced"], tmp_path / "weighted")
     train_counts = weighted["split_counts"]["train"]
     total = sum(train_counts.values())
     assert weighted["class_weights"] == pytest.approx([total / (2 * train_counts[c]) for c in ("ok", "scratch")])
@@ -156,7 +155,7 @@ def test_a_class_missing_from_the_training_split_is_refused(tmp_path: Path) -> N
     cfg = compose_config([*FAST, "data=csv", f"data.csv={folder / 'labels.csv'}", "+data.source.split_column=split"],
                          tmp_path / "run")
     with pytest.raises(DataError, match=r"no images of class\(es\) \['dog'\]"):
-        train(cfg)
+        train_config(cfg)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch) -> None:
@@ -203,7 +202,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_in_a_new_directory(tmp_pa
     killed_dir = last.parent.parent
     assert not (killed_dir / "results.json").exists()
 
-    done = subprocess.run([*args, f"ckpt_path={last}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*args, f"resume={last}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = sorted((tmp_path / "logs" / "runs").iterdir())
     assert len(runs) == 2 and killed_dir in runs  # the killed run's directory is kept as it was
@@ -217,12 +216,13 @@ def test_class_weights_weight_the_training_loss() -> None:
 
     import timm
 
-    from transfer.module import ClassifierModule
-    from transfer.schedule import Stage
+    from transfer.model.module import ClassifierModule
+    from transfer.model.stage import Stage
 
     model = timm.create_model("test_resnet", num_classes=2)
-    module = ClassifierModule(model, ["ok", "scratch"], [Stage("head", 1)], functools.partial(torch.optim.AdamW),
+    module = ClassifierModule(model, ["ok", "scratch"], functools.partial(torch.optim.AdamW),
                               backbone_name="test_resnet", input_config={}, class_weights=[0.6, 3.0])
+    module.set_stage(Stage("head", 1), 0)
     module.eval()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 0, 1])
     loss, _, _ = module._step((images, labels))

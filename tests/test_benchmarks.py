@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.fixtures import train_run, ROOT
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
@@ -34,7 +34,7 @@ def test_speed_benchmark_prints_every_row_and_the_target_ratios() -> None:
 
 
 def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) -> None:
-    tiny = ["backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false", "input.size=32",
+    tiny = ["backbone=timm", "backbone.name=test_resnet", "backbone.weights=none", "input.size=32",
             "data.num_workers=0", "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.min_steps=0",
             "schedule.stages.1.unfreeze=1", "data.max_images=80"]
     done = subprocess.run(
@@ -65,11 +65,10 @@ def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) 
 
 
 def test_int8_benchmark_prints_each_runtime_with_speed_and_accuracy(tmp_path) -> None:
-    from tests.conftest import FAST, compose_config, write_image_folder
-    from transfer.run import train
-
+    from tests.fixtures import FAST, compose_config, write_image_folder
+    
     images = write_image_folder(tmp_path / "images", per_class=12)
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp_path / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp_path / "run")
     done = subprocess.run([sys.executable, "benchmarks/int8.py", "--ckpt", results["best_checkpoint"]["path"],
                            "--out", str(tmp_path / "int8"), "--repeats", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -85,11 +84,10 @@ def test_int8_benchmark_prints_each_runtime_with_speed_and_accuracy(tmp_path) ->
 
 def test_serve_load_accounts_for_every_request(tmp_path) -> None:
     pytest.importorskip("litserve")
-    from tests.conftest import FAST, compose_config, write_image_folder
-    from transfer.run import train
-
+    from tests.fixtures import FAST, compose_config, write_image_folder
+    
     images = write_image_folder(tmp_path / "images", per_class=12)
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp_path / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp_path / "run")
     done = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--ckpt", results["best_checkpoint"]["path"],
                            "--requests", "12", "--clients", "1", "4", "--workdir", str(tmp_path / "load")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, compose_config
-from transfer.budget import SplitSizes, StageCost, check_single_process, plan_epochs, stage_seconds
+from tests.fixtures import train_run, FAST, compose_config
+from transfer.training.budget import SplitSizes, StageCost, check_single_process, plan_epochs, stage_seconds
 from transfer.errors import ScheduleError, TransferError
-from transfer.run import train
-from transfer.schedule import Stage, parse_stages
+from transfer.model.stage import Stage, parse_stages
 
 TWO_STAGES = [Stage("head", 4, 0), Stage("finetune", 12, 3, lr=3e-4)]
 SIZES = SplitSizes(train=1000, val=100, test=300)
@@ -53,9 +52,9 @@ def test_patience_must_be_positive() -> None:
 def test_a_stage_stops_on_a_plateau_of_the_validation_metric(image_folder: Path, tmp_path: Path) -> None:
     # The striped classes are separated after an epoch: val/loss keeps falling for a while, val/acc
     # sits at 1.0, so with patience 1 on val/acc the stage ends long before its 30 epochs.
-    results = train(compose_config([*FAST, "data=folder", f"data.root={image_folder}", "augment=none",
-                                    "schedule.stages.0.epochs=30", "+schedule.stages.0.patience=1"],
-                                   output_dir=tmp_path / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={image_folder}", "augment=none",
+                                    "schedule.stages.0.epochs=30", "schedule.stages.0.patience=1"],
+                                   tmp_path / "run")
     head = results["stages"][0]
     assert head["stopped_early"] and head["epochs_run"] < 30, head
     assert results["stages"][1]["epochs_run"] == 1 and not results["stages"][1]["stopped_early"]
@@ -65,7 +64,7 @@ def test_budget_shortens_the_schedule_and_the_run_ends_in_time(image_folder: Pat
     overrides = [*FAST, "data=folder", f"data.root={image_folder}", "augment=none",
                  "schedule.stages.0.epochs=200", "schedule.stages.1.epochs=400"]
     started = time.perf_counter()
-    results = train(compose_config([*overrides, "budget.minutes=0.5"], output_dir=tmp_path / "run"))
+    results = train_run([*overrides, "budget.minutes=0.5"], tmp_path / "run")
     seconds = time.perf_counter() - started
     planned = results["budget"]["epochs"]
     assert planned[0] < 200 and planned[1] < 400 and planned[1] > planned[0], results["budget"]
@@ -84,11 +83,11 @@ def test_ema_weights_are_validated_checkpointed_and_tested(image_folder: Path, t
     the test and evaluate.py use them."""
     import torch
 
-    from tests.test_after_training import command_config
-    from transfer.evaluate import evaluate
+    from tests.fixtures import command_config
+    from transfer.inference.evaluate import evaluate
 
-    results = train(compose_config([*FAST, "data=folder", f"data.root={image_folder}", "schedule.stages.0.epochs=2",
-                                    *EMA], output_dir=tmp_path / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={image_folder}", "schedule.stages.0.epochs=2",
+                                    *EMA], tmp_path / "run")
     checkpoint = torch.load(results["best_checkpoint"]["path"], map_location="cpu", weights_only=True)
     averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert averaged.keys() == raw.keys()

@@ -1,4 +1,4 @@
-"""k-fold cross-validation (`transfer.cv`): folds, the untouched test split, out-of-fold and ensemble."""
+"""k-fold cross-validation (`transfer.training.cv`): folds, the untouched test split, out-of-fold and ensemble."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FAST, compose_config, write_image_folder
-from transfer.cv import fold_probabilities, fold_splits
+from tests.fixtures import train_run, FAST, compose_config, write_image_folder
+from transfer.training.cv import fold_probabilities, fold_splits
 from transfer.errors import DataError
-from transfer.run import train
 
-CV = [*FAST, "augment=none", "data=folder", "data.test_fraction=0.25", "cv.folds=3"]
+CV = [*FAST, "augment=none", "data=folder", "data.split.test=0.25", "cv.folds=3"]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -39,7 +38,7 @@ def test_folds_partition_the_pool_stratified_and_refuse_too_small_classes() -> N
 def cv_run(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("cv")
     images = write_image_folder(tmp_path / "images", per_class=12)
-    summary = train(compose_config([*CV, f"data.root={images}"], tmp_path / "cv"))
+    summary = train_run([*CV, f"data.root={images}"], tmp_path / "cv")
     return {"images": images, "summary": summary, "dir": tmp_path / "cv", "tmp": tmp_path}
 
 
@@ -83,7 +82,7 @@ def test_out_of_fold_and_ensemble_predictions_come_from_the_right_models(cv_run:
         values = [t[name] for t in summary["fold_test"]]
         assert summary["test_single_model"][name]["mean"] == pytest.approx(np.mean(values), abs=1e-6)
         assert summary["test_single_model"][name]["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
-    from transfer.commands import sweep_objective
+    from transfer.cli.commands import sweep_objective
 
     folds_val = [json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["score"]
                  for run in summary["fold_runs"]]
@@ -96,8 +95,8 @@ def test_a_cross_validation_resumes_fold_by_fold(cv_run: dict) -> None:
     earlier = cv_run["tmp"] / "interrupted"
     shutil.copytree(cv_run["dir"], earlier)
     (earlier / "fold_1" / "results.json").unlink()  # fold 1 never finished
-    summary = train(compose_config([*CV, f"data.root={cv_run['images']}", f"cv.resume={earlier}"],
-                                   cv_run["tmp"] / "resumed"))
+    summary = train_run([*CV, f"data.root={cv_run['images']}", f"resume={earlier}"],
+                                   cv_run["tmp"] / "resumed")
     runs = summary["fold_runs"]
     assert runs[0] == cv_run["summary"]["fold_runs"][0] and runs[2] == cv_run["summary"]["fold_runs"][2]
     assert runs[1] == str(cv_run["tmp"] / "resumed" / "fold_1")  # only the missing fold trained again
@@ -107,12 +106,12 @@ def test_a_cross_validation_resumes_fold_by_fold(cv_run: dict) -> None:
 @pytest.mark.parametrize("task", ["multilabel", "regression"])
 def test_cross_validation_follows_the_task(task: str, tmp_path: Path) -> None:
     """Tags are folded by iterative stratification; the ensemble averages tag probabilities or values."""
-    from tests.conftest import write_tagged_images
+    from tests.fixtures import write_tagged_images
 
     labels = write_tagged_images(tmp_path / "images", count=32)
     column = "tags" if task == "multilabel" else "value"
-    summary = train(compose_config([*FAST, "augment=none", "data=csv", f"data.csv={labels}", "data.test_fraction=0.25",
-                                    f"data.source.label_column={column}", f"task={task}", "cv.folds=2"], tmp_path / "cv"))
+    summary = train_run([*FAST, "augment=none", "data=csv", f"data.csv={labels}", "data.split.test=0.25",
+                                    f"data.source.label_column={column}", f"task={task}", "cv.folds=2"], tmp_path / "cv")
     metric = "map" if task == "multilabel" else "mae"
     assert summary["task"] == task and metric in summary["test_ensemble"] and metric in summary["out_of_fold"]
     oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")

@@ -14,28 +14,29 @@ import timm
 import torch
 from PIL import Image
 
-from tests.conftest import write_image_folder
+from tests.fixtures import write_image_folder
 from transfer.data.datamodule import ImageDataModule
-from transfer.data.download import download
+from transfer.data.download import fetch_archive
 from transfer.data.images import load_rgb
-from transfer.data.sources import csv_manifest, elpv, hotdog, image_folder, subsample
+from transfer.data.sources import csv_manifest, elpv, hotdog, image_folder
 from transfer.data.sources import image_folder as image_folder_source
 from transfer.data.splits import split_indices
+from transfer.data.table import subsample
 from transfer.data.transforms import eval_transform, resolve_input, train_transform
 from transfer.errors import DataError, ImageReadError
 
 
 def test_stratified_splits_are_disjoint_complete_and_seeded() -> None:
     labels = np.array([0] * 700 + [1] * 250 + [2] * 50)
-    splits = split_indices(labels, test_fraction=0.25, val_fraction=0.1, seed=1)
+    splits = split_indices(labels, test=0.25, val=0.075, seed=1)
     joined = np.concatenate(list(splits.values()))
     assert len(joined) == len(labels) == len(set(joined.tolist()))
-    for name, fraction in (("test", 0.25), ("val", 0.75 * 0.1)):
+    for name, fraction in (("test", 0.25), ("val", 0.075)):  # both shares of all the images
         for label, count in ((0, 700), (1, 250), (2, 50)):
             got = (labels[splits[name]] == label).sum()
             assert abs(got - fraction * count) <= 1.5, (name, label, got)
-    again = split_indices(labels, 0.25, 0.1, seed=1)
-    other = split_indices(labels, 0.25, 0.1, seed=2)
+    again = split_indices(labels, 0.25, 0.075, seed=1)
+    other = split_indices(labels, 0.25, 0.075, seed=2)
     assert all(np.array_equal(splits[k], again[k]) for k in splits)
     assert not np.array_equal(splits["test"], other["test"])
 
@@ -43,8 +44,9 @@ def test_stratified_splits_are_disjoint_complete_and_seeded() -> None:
 def test_predefined_splits_are_kept_and_val_is_carved_from_train() -> None:
     labels = np.array([0, 1] * 50)
     predefined = np.array(["train"] * 80 + ["test"] * 20, dtype=object)
-    splits = split_indices(labels, test_fraction=0.25, val_fraction=0.2, seed=0, predefined=predefined)
+    splits = split_indices(labels, test=0.25, val=0.2, seed=0, predefined=predefined)
     assert set(splits["test"].tolist()) == set(range(80, 100))
+    # with a test split of its own, the data's unassigned images are its 80 training ones
     assert len(splits["val"]) == 16 and set(splits["val"]) <= set(range(80))
 
 
@@ -134,7 +136,8 @@ def test_datamodule_rejects_augmentations_of_the_wrong_size(image_folder: Path) 
 
     config = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
     table = image_folder_source(image_folder)
-    module = ImageDataModule(table, train_transform([A.HorizontalFlip()], config), eval_transform(config),
+    splits = split_indices(table.labels, 0.2, 0.1, seed=0)
+    module = ImageDataModule(table, splits, train_transform([A.HorizontalFlip()], config), eval_transform(config),
                              input_size=(32, 32), num_workers=0)
     with pytest.raises(DataError, match="End the augmentation list"):
         module.check_transforms()
@@ -166,20 +169,20 @@ def test_download_rejects_a_bad_checksum_and_keeps_nothing(loopback_server, tmp_
     url, served = loopback_server
     (served / "data.zip").write_bytes(b"some bytes")
     with pytest.raises(DataError, match="checksum"):
-        download(f"{url}/data.zip", tmp_path / "cache" / "data.zip", "sha1:" + "0" * 40)
-    assert not list((tmp_path / "cache").iterdir())
+        fetch_archive(f"{url}/data.zip", "sha1:" + "0" * 40, tmp_path / "cache", "data")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
 def test_download_offline_explains_the_way_out(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data=folder"):
-        download("http://127.0.0.1:9/hotdog.zip", tmp_path / "hotdog.zip", None, timeout=5)
+        fetch_archive("http://127.0.0.1:9/hotdog.zip", None, tmp_path, "hotdog", timeout=5)
 
 
 def test_balanced_sampler_draws_every_class_equally_and_splits_one_draw_across_processes() -> None:
-    from transfer.data.datamodule import BalancedSampler
+    from transfer.data.samplers import balanced_sampler
 
     labels = np.array([0] * 90 + [1] * 10)
-    single = BalancedSampler(labels, seed=3)
+    single = balanced_sampler(labels, replicas=1, rank=0, seed=3)
     draws = []
     for epoch in range(20):
         single.set_epoch(epoch)
@@ -189,7 +192,7 @@ def test_balanced_sampler_draws_every_class_equally_and_splits_one_draw_across_p
     assert not np.array_equal(draws[0], draws[1])  # a new draw every epoch
     single.set_epoch(0)
     assert np.array_equal(np.array(list(single)), draws[0])  # the same draw for the same (seed, epoch)
-    parts = [BalancedSampler(labels, num_replicas=3, rank=rank, seed=3) for rank in range(3)]
+    parts = [balanced_sampler(labels, replicas=3, rank=rank, seed=3) for rank in range(3)]
     shares = [list(part) for part in parts]
     assert [len(share) for share in shares] == [34, 34, 34]  # 100 padded to 102
     interleaved = [shares[i % 3][i // 3] for i in range(100)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, make_image, write_image_folder
+from tests.fixtures import ROOT, make_image, write_image_folder
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 # No randomness but the data order: no augmentation, no dropout, BatchNorm frozen in every stage
 # (per-process batch statistics would differ from single-process ones by design).
 COMMON = [
-    "backbone=timm", "backbone.name=test_resnet", "backbone.pretrained=false", "input.size=32",
-    "augment=none", "data=folder", "data.num_workers=0", "data.test_fraction=0.2", "data.val_fraction=0.1",
+    "backbone=timm", "backbone.name=test_resnet", "backbone.weights=none", "input.size=32",
+    "augment=none", "data=folder", "data.num_workers=0", "data.split.test=0.2", "data.split.val=0.08",
     "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "schedule.stages.1.unfreeze=2", "schedule.min_steps=0",
     "schedule.stages.1.freeze_bn=true", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
 ]
@@ -185,7 +185,7 @@ def test_balanced_sampler_on_two_processes_matches_one_process_at_the_same_globa
     rng = np.random.default_rng(2)
     for index in range(16):
         make_image(1, 40, rng).save(images / "dog" / f"extra_{index}.png")
-    common = [f"data.root={images}", "data.sampler=balanced", "data.test_fraction=0.25"]
+    common = [f"data.root={images}", "data.sampler=balanced", "data.split.test=0.25"]
     ddp_results, ddp_dir = run(tmp_path, "ddp", *common, "trainer=ddp", "trainer.devices=2", "data.batch_size=4")
     single_results, single_dir = run(tmp_path, "single", *common, "data.batch_size=8")
     ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
@@ -215,7 +215,7 @@ def test_cross_validation_runs_its_folds_on_two_processes(tmp_path: Path) -> Non
 def test_tags_and_values_on_two_processes_match_one_process(task: str, column: str, count: int, tmp_path: Path) -> None:
     """Float targets: evaluation padding (NaN rows) counts nowhere, and what the task learns from the
     whole validation split (per-tag thresholds) is the same on both processes and as on one."""
-    from tests.conftest import write_tagged_images
+    from tests.fixtures import write_tagged_images
 
     labels = write_tagged_images(tmp_path / "images", count=count)
     common = [*(o for o in COMMON if o != "data=folder"), "data=csv", f"data.csv={labels}",

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, FAST, compose_config
-from transfer.run import train
+from tests.fixtures import CONF_DIR, FAST, compose_config, train_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 TINY_MODEL = [o for o in FAST if o.startswith(("backbone", "input.", "data.", "trainer."))]
@@ -18,7 +17,7 @@ TINY_MODEL = [o for o in FAST if o.startswith(("backbone", "input.", "data.", "t
 
 def test_the_elpv_experiment_is_the_default_run() -> None:
     """The README's measured default result holds for experiment=elpv: the same config."""
-    default, pinned = compose_config([]), compose_config(["experiment=elpv"])
+    default, pinned = compose_config([], Path("run")), compose_config(["experiment=elpv"], Path("run"))
     assert OmegaConf.to_container(pinned, resolve=False) == OmegaConf.to_container(default, resolve=False)
 
 
@@ -44,8 +43,9 @@ def test_custom_folder_experiment_trains_on_a_folder(image_folder: Path, tmp_pat
     cfg = compose_config(["experiment=custom_folder", *TINY_MODEL, f"data.root={image_folder}",
                           "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.min_steps=0"],
                          output_dir=tmp_path)
-    results = train(cfg)
-    assert results["class_weights"] is not None  # the recipe's class_weights=balanced
+    results = train_config(cfg)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert results["class_weights"] is None and plan["task"]["label_smoothing"] == 0.1  # the recipe's loss
     assert results["dataset"] == "images" and len(results["stages"]) == 2
 
 
@@ -53,7 +53,7 @@ def test_fast_dev_run_runs_every_stage_on_one_batch_and_keeps_no_checkpoint(imag
                                                                             tmp_path: Path) -> None:
     cfg = compose_config([*FAST, "debug=fast_dev_run", "data=folder", f"data.root={image_folder}"],
                          output_dir=tmp_path)
-    results = train(cfg)
+    results = train_config(cfg)
     assert [s["name"] for s in results["stages"]] == ["head", "finetune"]
     assert [s["logged_steps"] for s in results["stages"]] == [1, 2]  # one batch each
     assert results["best_checkpoint"]["path"] is None and not (tmp_path / "checkpoints").exists()
@@ -66,7 +66,7 @@ def test_overfit_memorises_one_batch(image_folder: Path, tmp_path: Path) -> None
     """The sanity check it exists for: a model that can learn reaches train/acc 1.0 on one batch."""
     cfg = compose_config([*TINY_MODEL, "debug=overfit", "data=folder", f"data.root={image_folder}",
                           "schedule.stages.0.epochs=25"], output_dir=tmp_path)
-    train(cfg)
+    train_config(cfg)
     with open(tmp_path / "metrics.csv") as stream:
         epochs = [row for row in csv.DictReader(stream) if row.get("train/acc")]
     assert len(epochs) == 25

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, write_image_folder
+from tests.fixtures import train_run, ROOT, write_image_folder
 
 
 USER_FILES = {
@@ -32,11 +32,11 @@ def parts(root: str) -> ImageTable:
 defaults:
   - timm            # the packaged backbone/timm.yaml: create_backbone, weights=auto
 name: test_efficientnet
-pretrained: false
+weights: none
 ''',
     "my_conf/data/parts.yaml": '''
 defaults:
-  - folder          # splits, batch sizes and workers from the packaged data/folder.yaml
+  - folder          # splits, batch sizes and workers from the packaged data/folder.yaml (and base.yaml)
 source:
   _target_: my_sources.parts
   root: ${data.root}
@@ -75,7 +75,7 @@ def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(
     assert results["class_names"] == ["cat", "dog"] and sum(results["split_counts"]["train"].values()) > 0
     config = OmegaConf.load(run_dir / "config.yaml")
     assert [t["_target_"] for t in config.augment.train] == ["albumentations.Resize", "albumentations.Rotate"]
-    assert config.data.test_fraction == 0.2  # inherited from data/folder.yaml
+    assert config.data.split.test == 0.2  # inherited from data/base.yaml through data/folder.yaml
     assert config.seed == 7
 
 
@@ -109,15 +109,14 @@ def split(model):
 
 
 def test_a_splitter_gives_a_custom_module_the_freezing_schedule(tmp_path: Path, monkeypatch) -> None:
-    from tests.conftest import FAST, compose_config, write_image_folder
-    from transfer.run import train
-
+    from tests.fixtures import FAST, compose_config, write_image_folder
+    
     (tmp_path / "my_model.py").write_text(MY_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     images = write_image_folder(tmp_path / "images", per_class=12)
-    results = train(compose_config([*FAST, "backbone._target_=my_model.build", "backbone.name=tiny_cnn",
+    results = train_run([*FAST, "backbone._target_=my_model.build", "backbone.name=tiny_cnn",
                                     "backbone.splitter={_target_: my_model.split, _partial_: true}",
-                                    "augment=none", "data=folder", f"data.root={images}"], tmp_path / "run"))
+                                    "augment=none", "data=folder", f"data.root={images}"], tmp_path / "run")
     head, finetune = results["stages"]
     assert head["trainable_groups"] == ["head: classifier"] and head["trainable_params"] == 32 * 2 + 2
     assert finetune["trainable_groups"] == ["head: classifier", "stage2"]
@@ -128,7 +127,7 @@ MY_TASK = '''
 import torch
 import torch.nn.functional as F
 
-from transfer.metrics import IGNORE
+from transfer.tasks import IGNORE
 from transfer.tasks import Classification
 
 
@@ -152,8 +151,8 @@ class Focal(Classification):
 
 
 def test_a_users_task_is_one_module_and_one_config_and_its_checkpoints_load(tmp_path: Path, monkeypatch) -> None:
-    from transfer.evaluate import evaluate
-    from tests.conftest import command_config
+    from transfer.inference.evaluate import evaluate
+    from tests.fixtures import command_config
 
     images = write_image_folder(tmp_path / "images", per_class=10)
     (tmp_path / "my_tasks.py").write_text(MY_TASK.lstrip())
@@ -162,7 +161,7 @@ def test_a_users_task_is_one_module_and_one_config_and_its_checkpoints_load(tmp_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--config-dir", "my_conf", "task=focal", "backbone=timm",
-         "backbone.name=test_resnet", "backbone.pretrained=false", f"data=folder", f"data.root={images}",
+         "backbone.name=test_resnet", "backbone.weights=none", f"data=folder", f"data.root={images}",
          "augment=none", "input.size=32", "data.num_workers=0", "data.batch_size=8", "schedule=head_only",
          "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

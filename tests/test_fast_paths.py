@@ -11,12 +11,11 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from tests.conftest import FAST, compose_config
+from tests.fixtures import FAST, compose_config, train_config
 from transfer.errors import TransferError
-from transfer.feature_cache import check_split_matches, classify_features, pooled_features
-from transfer.module import ClassifierModule, compile_in_place
-from transfer.run import train
-from transfer.schedule import Stage
+from transfer.model.features import check_split_matches, classify_features, pooled_features
+from transfer.model.module import ClassifierModule, compile_in_place
+from transfer.model.stage import Stage
 
 ONE_STAGE = [o for o in FAST if "stages.1" not in o]
 
@@ -48,13 +47,13 @@ def test_models_whose_forward_is_not_the_split_are_refused() -> None:
 
 def make_module(name: str = "test_efficientnet") -> ClassifierModule:
     model, _ = tiny_model(name)
-    return ClassifierModule(model, ["a", "b", "c"], [Stage("head", 1, unfreeze=0)],
-                            functools.partial(torch.optim.AdamW), backbone_name=name, input_config={})
+    return ClassifierModule(model, ["a", "b", "c"], functools.partial(torch.optim.AdamW), backbone_name=name,
+                            input_config={})
 
 
 def test_head_only_training_forward_matches_the_plain_forward_and_gradients() -> None:
     module = make_module()
-    module.set_stage(0)
+    module.set_stage(Stage("head", 1, unfreeze=0), 0)
     module.train()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     fast = torch.nn.functional.cross_entropy(module(images), labels)
@@ -73,7 +72,7 @@ def test_head_only_training_forward_matches_the_plain_forward_and_gradients() ->
 def run(tmp_path: Path, image_folder: Path, name: str, *overrides: str) -> tuple[dict, dict]:
     cfg = compose_config([*ONE_STAGE, "data=folder", f"data.root={image_folder}", "schedule=head_only",
                           "schedule.stages.0.epochs=2", *overrides], tmp_path / name)
-    results = train(cfg)
+    results = train_config(cfg)
     weights = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     return results, weights
 
@@ -92,7 +91,7 @@ def test_feature_cache_refuses_random_augmentation(image_folder: Path, tmp_path:
     cfg = compose_config([*ONE_STAGE, "data=folder", f"data.root={image_folder}", "schedule=head_only",
                           "augment=light", "feature_cache=true"], tmp_path / "run")
     with pytest.raises(TransferError, match="augment=none"):
-        train(cfg)
+        train_config(cfg)
 
 
 def test_compiled_model_keeps_its_parameter_names_and_outputs() -> None:

@@ -14,16 +14,15 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
-from tests.conftest import FAST, command_config, compose_config, train_on_tagged_images, write_tagged_images
+from tests.fixtures import train_run, FAST, command_config, compose_config, train_on_tagged_images, write_tagged_images
 from transfer.data.sources import csv_manifest, elpv
 from transfer.data.splits import split_indices
 from transfer.errors import DataError, TransferError
-from transfer.evaluate import evaluate
-from transfer.explain import explain_files
-from transfer.export import export
-from transfer.inference import load_classifier, read_checkpoint
-from transfer.predict import predict
-from transfer.run import train
+from transfer.inference.evaluate import evaluate
+from transfer.inference.explain import explain_files
+from transfer.inference.export import export
+from transfer.model.classifier import load_classifier, read_checkpoint
+from transfer.inference.predict import predict
 from transfer.tasks import Multilabel
 from transfer.tasks.multilabel import best_f1_threshold
 
@@ -171,10 +170,14 @@ def test_multilabel_predict_export_and_explain_follow_the_task(tagged_run: dict,
 
 
 def test_class_weights_are_refused_for_tags(tmp_path: Path) -> None:
+    from hydra.errors import ConfigCompositionException
+
     labels = write_tagged_images(tmp_path / "images", count=16)
-    with pytest.raises(TransferError, match="pos_weight"):
-        train(compose_config([*FAST, "data=csv", f"data.csv={labels}", "data.source.label_column=tags",
-                              "task=multilabel", "class_weights=balanced", "augment=none"], tmp_path / "run"))
+    tags = [*FAST, "data=csv", f"data.csv={labels}", "data.source.label_column=tags", "task=multilabel", "augment=none"]
+    with pytest.raises(ConfigCompositionException, match="task.class_weights"):  # the task has no such option
+        train_run([*tags, "task.class_weights=balanced"], tmp_path / "run")
+    with pytest.raises(TransferError, match="pos_weight"):  # the old name says where to look
+        train_run([*tags, "class_weights=balanced"], tmp_path / "old")
 
 
 def test_the_server_answers_with_tags_at_the_saved_thresholds(tagged_run: dict) -> None:
@@ -182,12 +185,14 @@ def test_the_server_answers_with_tags_at_the_saved_thresholds(tagged_run: dict) 
 
     pytest.importorskip("litserve")
     from transfer.data.images import load_rgb
-    from transfer.serve import ExplainAPI, PredictAPI
+    from transfer.inference.serve import CheckedRequests, ExplainAPI, PredictAPI
 
     paths = sorted(tagged_run["labels"].parent.glob("*.png"))[:4]
-    api = PredictAPI(tagged_run["ckpt"], "none", 10**6)
+    api = PredictAPI(tagged_run["ckpt"], "none")
     api.setup("cpu")
-    images = api.decode_request({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    checked = CheckedRequests(None, {"/predict": False}, 10**6, api.classifier.input_config)
+    images = api.decode_request({"images": [checked.prepared(base64.b64encode(p.read_bytes()).decode(), "image")
+                                            for p in paths]})
     answers = api.encode_response(api.predict(images))["predictions"]
     classifier = load_classifier(tagged_run["ckpt"])
     expected = classifier.probabilities(torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]))
@@ -196,9 +201,10 @@ def test_the_server_answers_with_tags_at_the_saved_thresholds(tagged_run: dict) 
         assert answer["probabilities"] == pytest.approx(dict(zip(["bright", "vertical"], row.tolist())), abs=1e-5)
         assert answer["tags"] == [t for t, p, c in zip(["bright", "vertical"], row.tolist(), thresholds) if p >= c]
         assert list(answer["thresholds"].values()) == pytest.approx(thresholds)
-    explainer = ExplainAPI(tagged_run["ckpt"], "none", 10**6)
+    explainer = ExplainAPI(tagged_run["ckpt"], "none")
     explainer.setup("cpu")
-    assert set(explainer.predict(load_rgb(paths[0]))["prediction"]) == {"tags", "probabilities", "thresholds"}
+    image = explainer.decode_request({"image": checked.prepared(base64.b64encode(paths[0].read_bytes()).decode(), "x")})
+    assert set(explainer.predict(image)["prediction"]) == {"tags", "probabilities", "thresholds"}
 
 
 def test_tag_folders_join_an_images_copies_into_one_image_with_every_tag(tmp_path: Path) -> None:

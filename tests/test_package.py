@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, ROOT, write_image_folder
+from tests.fixtures import FAST, ROOT, write_image_folder
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
@@ -46,7 +46,7 @@ def test_wheel_holds_every_config_and_the_console_commands(installed: tuple[Path
     configs = {f"transfer/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert configs and configs <= names, sorted(configs - names)
     for command in COMMANDS:
-        assert f"transfer-{command} = transfer.commands:{command}" in entry_points
+        assert f"transfer-{command} = transfer.cli.commands:{command}" in entry_points
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 
@@ -92,7 +92,7 @@ def test_installed_train_uses_a_users_own_config_folder(installed: tuple[Path, P
 
 
 def test_a_missing_extra_is_named_with_its_pip_command() -> None:
-    from transfer.extras import install_hint, missing_extras
+    from transfer.cli.extras import install_hint, missing_extras
     nothing_installed = lambda module: False  # noqa: E731
     asked = ["hparams_search=optuna", "logger=[csv,tensorboard]", "hydra/launcher=slurm", "logger=mlflow", "seed=1",
              "backbone=efficientnet_lite2"]

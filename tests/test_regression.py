@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
 
-from tests.conftest import command_config, train_on_tagged_images, write_tagged_images
+from tests.fixtures import command_config, train_on_tagged_images, write_tagged_images
 from transfer.data.images import load_rgb
 from transfer.data.sources import csv_manifest, elpv
 from transfer.data.splits import split_indices
 from transfer.errors import DataError, TransferError
-from transfer.evaluate import evaluate
-from transfer.explain import explain_files
-from transfer.export import export
-from transfer.inference import load_classifier, read_checkpoint
-from transfer.predict import predict
+from transfer.inference.evaluate import evaluate
+from transfer.inference.explain import explain_files
+from transfer.inference.export import export
+from transfer.model.classifier import load_classifier, read_checkpoint
+from transfer.inference.predict import predict
 from transfer.tasks import Regression
 
 
@@ -143,12 +143,14 @@ def test_the_server_answers_with_values_in_the_datas_units(valued_run: dict) -> 
     import base64
 
     pytest.importorskip("litserve")
-    from transfer.serve import PredictAPI
+    from transfer.inference.serve import CheckedRequests, PredictAPI
 
     paths = sorted(valued_run["labels"].parent.glob("*.png"))[:3]
-    api = PredictAPI(valued_run["ckpt"], "none", 10**6)
+    api = PredictAPI(valued_run["ckpt"], "none")
     api.setup("cpu")
-    images = api.decode_request({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    checked = CheckedRequests(None, {"/predict": False}, 10**6, api.classifier.input_config)
+    images = api.decode_request({"images": [checked.prepared(base64.b64encode(p.read_bytes()).decode(), "image")
+                                            for p in paths]})
     answers = api.encode_response(api.predict(images))["predictions"]
     classifier = load_classifier(valued_run["ckpt"])
     with torch.inference_mode():

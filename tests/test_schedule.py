@@ -10,20 +10,31 @@ import torch
 import torch.nn as nn
 
 from transfer.errors import ScheduleError
-from transfer.freezing import backbone_blocks, set_trainable
-from transfer.module import ClassifierModule
-from transfer.optim import build_optimizer, param_groups, warmup_cosine
-from transfer.schedule import Stage, parse_stages
+from transfer.model.freezing import backbone_blocks, set_trainable
+from transfer.model.module import ClassifierModule
+from transfer.model.optim import build_optimizer, cosine_schedule, param_groups
+from transfer.model.stage import Stage, parse_stages
 
 STAGES = [Stage("head", 1, unfreeze=0, lr=1e-3), Stage("top", 1, unfreeze=2, lr=1e-4, warmup_epochs=1),
           Stage("all", 1, unfreeze="all", lr=1e-5, layer_decay=0.5)]
 
 
-def make_module(name: str = "test_efficientnet", stages=STAGES) -> ClassifierModule:
+class Staged(ClassifierModule):
+    """The module with a schedule to pick stages from by number, as the plan's stages are."""
+
+    def __init__(self, *args, stages=STAGES, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.schedule = list(stages)
+
+    def use(self, index: int):  # type: ignore[no-untyped-def]
+        return self.set_stage(self.schedule[index], index)
+
+
+def make_module(name: str = "test_efficientnet", stages=STAGES) -> Staged:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=3)
-    return ClassifierModule(model, ["a", "b", "c"], stages, functools.partial(torch.optim.AdamW, weight_decay=0.05),
-                            backbone_name=name, input_config={})
+    return Staged(model, ["a", "b", "c"], functools.partial(torch.optim.AdamW, weight_decay=0.05),
+                  backbone_name=name, input_config={}, stages=stages)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,7 +58,7 @@ def changed_keys(before: dict, after: dict) -> set[str]:
 @pytest.mark.parametrize("name", ["test_efficientnet", "test_resnet", "test_vit"])
 def test_head_only_changes_nothing_but_the_head_bitwise(name: str) -> None:
     module = make_module(name)
-    module.set_stage(0)
+    module.use(0)
     before = snapshot(module.model)
     train_steps(module)
     changed = changed_keys(before, snapshot(module.model))
@@ -57,7 +68,7 @@ def test_head_only_changes_nothing_but_the_head_bitwise(name: str) -> None:
 
 def test_partial_unfreeze_updates_only_the_last_blocks_and_their_bn_stats() -> None:
     module = make_module()
-    module.set_stage(1)  # head + last 2 blocks
+    module.use(1)  # head + last 2 blocks
     blocks = backbone_blocks(module.model)
     trainable_names = {n for block in blocks[-2:] for n in block}
     before = snapshot(module.model)
@@ -72,7 +83,7 @@ def test_partial_unfreeze_updates_only_the_last_blocks_and_their_bn_stats() -> N
 def test_freeze_bn_keeps_statistics_of_unfrozen_blocks() -> None:
     stages = [Stage("top", 1, unfreeze=2, lr=1e-4, freeze_bn=True)]
     module = make_module(stages=stages)
-    module.set_stage(0)
+    module.use(0)
     before = snapshot(module.model)
     train_steps(module)
     changed = changed_keys(before, snapshot(module.model))
@@ -81,7 +92,7 @@ def test_freeze_bn_keeps_statistics_of_unfrozen_blocks() -> None:
 
 def test_frozen_parts_get_no_gradient_and_no_backward_graph() -> None:
     module = make_module()
-    module.set_stage(1)
+    module.use(1)
     blocks = backbone_blocks(module.model)
     first_trainable = blocks[-2][0].rsplit(".", 2)[0]  # e.g. blocks.4 for test_efficientnet
     outputs = {}
@@ -98,7 +109,7 @@ def test_frozen_parts_get_no_gradient_and_no_backward_graph() -> None:
 
 def test_frozen_modules_stay_in_eval_after_lightning_switches_modes() -> None:
     module = make_module()
-    module.set_stage(0)
+    module.use(0)
     module.eval()
     module.train()  # what Lightning does after every validation loop
     assert not module.model.blocks.training and not module.model.bn1.training
@@ -109,7 +120,7 @@ def test_each_stage_optimizer_holds_exactly_its_trainable_params_with_its_lrs() 
     module = make_module()
     seen_counts = []
     for index, stage in enumerate(STAGES):
-        module.set_stage(index)
+        module.use(index)
         config = build_optimizer(module.model, stage, module.optimizer_factory, total_steps=10, steps_per_epoch=10)
         optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
         in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -117,21 +128,31 @@ def test_each_stage_optimizer_holds_exactly_its_trainable_params_with_its_lrs() 
         assert in_optimizer == trainable
         seen_counts.append(len(in_optimizer))
         # the scheduler knows every group (it was built after them) and starts from the stage LR
-        assert len(scheduler.base_lrs) == len(optimizer.param_groups)
-        assert max(scheduler.base_lrs) == pytest.approx(stage.lr)
+        assert len(scheduler.base_values) == len(optimizer.param_groups)
+        assert max(scheduler.base_values) == pytest.approx(stage.lr)
         for group in optimizer.param_groups:  # biases and norm weights get no weight decay
             if all(p.ndim <= 1 for p in group["params"]):
                 assert group["weight_decay"] == 0.0
     assert seen_counts[0] < seen_counts[1] < seen_counts[2]
-    lrs = sorted({g["lr"] for g in param_groups(module.model, STAGES[2], 0.05)})
-    assert len(lrs) > 2 and lrs[0] < lrs[-1] * 0.1  # layer-wise decay gives earlier layers less
+    scales = sorted({g.get("lr_scale", 1.0) for g in param_groups(module.model, STAGES[2], 0.05)})
+    assert len(scales) > 2 and scales[0] < scales[-1] * 0.1  # layer-wise decay gives earlier layers less
 
 
-def test_warmup_then_cosine() -> None:
-    factor = warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.01)
-    assert factor(0) < factor(5) < factor(9) <= 1.0
-    assert factor(10) == pytest.approx(1.0)
-    assert factor(100) == pytest.approx(0.01)
+def test_warmup_then_cosine_in_every_group_scaled_by_its_layer_decay() -> None:
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 0.1}, {"params": [weights[1]], "lr": 0.1,
+                                                                       "lr_scale": 0.5}], lr=0.1)
+    scheduler = cosine_schedule(optimizer, Stage("s", 1, lr=0.1, min_lr_ratio=0.01), total_steps=100,
+                                warmup_steps=10)
+    curve = []
+    for step in range(101):
+        scheduler.step_update(step)
+        curve.append([group["lr"] for group in optimizer.param_groups])
+    first = [lr for lr, _ in curve]
+    assert first[0] == pytest.approx(0.1 / 11) and first[0] < first[5] < first[9] < 0.1  # (step + 1) / 11 of lr
+    assert first[10] == pytest.approx(0.1) and first[55] == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
+    assert first[100] == pytest.approx(0.1 * 0.01)
+    assert [half for _, half in curve] == pytest.approx([lr * 0.5 for lr in first])
 
 
 def test_impossible_schedules_are_explained() -> None:
@@ -176,7 +197,7 @@ def test_timm_sync_batchnorm_keeps_the_fused_activations_and_the_outputs() -> No
 
     from timm.layers import BatchNormAct2d, SyncBatchNormAct
 
-    from transfer.sync_batchnorm import TimmSyncBatchNorm
+    from transfer.training.sync_batchnorm import TimmSyncBatchNorm
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).eval()
@@ -210,25 +231,31 @@ def test_a_splitter_must_cover_every_parameter_once() -> None:
 
 
 def test_small_datasets_get_enough_epochs_for_the_minimum_steps() -> None:
-    from transfer.schedule import with_min_steps
+    from tests.fixtures import compose_config
+    from transfer.training.planner import schedule_stages
 
-    stages = [Stage("head", 2, 0), Stage("finetune", 12, 3, lr=3e-4), Stage("own", 1, "all", min_steps=5)]
-    # one step per epoch (18 images, batch 32): 50 epochs each, the stage with its own minimum 5
-    assert [s.epochs for s in with_min_steps(stages, 1, default=50)] == [50, 50, 5]
-    # 55 steps per epoch (ELPV): nothing changes
-    assert [s.epochs for s in with_min_steps(stages, 55, default=50)] == [2, 12, 1]
-    assert [s.epochs for s in with_min_steps(stages, 1, default=0)] == [2, 12, 5]
+    cfg = compose_config(["schedule.min_steps=50"])
+    # one step per epoch (18 images, batch 32): 50 epochs each
+    stages, notes = schedule_stages(cfg, [], steps=1)
+    assert [s.epochs for s in stages] == [50, 50] and len(notes) == 2
+    # 55 steps per epoch (ELPV): nothing changes, nothing said
+    assert schedule_stages(cfg, [], steps=55) == ([Stage(**{**s, "epochs": s["epochs"]}) for s in
+                                                   compose_config([]).schedule.stages], [])
+    # an epochs given in the overrides is kept as written
+    stages, notes = schedule_stages(compose_config(["schedule.stages.1.epochs=2"]), ["schedule.stages.1.epochs=2"], 1)
+    assert [s.epochs for s in stages] == [50, 2] and len(notes) == 1
 
 
 def test_steps_per_epoch_follow_the_loaders_batching(image_folder) -> None:
-    from tests.conftest import compose_config
+    from transfer.data.datamodule import ImageDataModule
     from transfer.data.sources import image_folder as folder_source
-    from transfer.run import build_datamodule
+    from transfer.data.splits import split_indices
+    from transfer.data.transforms import eval_transform
 
-    cfg = compose_config(["data=folder", f"data.root={image_folder}", "augment=none", "input.size=32",
-                          "data.batch_size=8", "data.num_workers=0"])
-    datamodule = build_datamodule(cfg, folder_source(image_folder), {"size": [32, 32], "mean": [0.5] * 3,
-                                  "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"})
+    table = folder_source(image_folder)
+    config = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
+    datamodule = ImageDataModule(table, split_indices(table.labels, 0.2, 0.1, 42), eval_transform(config),
+                                 eval_transform(config), (32, 32), batch_size=8, num_workers=0)
     train_images = len(datamodule.splits["train"])
     loader = datamodule.loader(datamodule.dataset("train"), True, None)
     assert datamodule.train_steps_per_epoch() == len(loader) == train_images // 8
@@ -240,7 +267,7 @@ def test_a_tie_in_the_validation_score_keeps_the_later_checkpoint() -> None:
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from transfer.stage_bests import LatestBestCheckpoint, StageBests
+    from transfer.training.stage_bests import LatestBestCheckpoint, StageBests
 
     trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda decision: decision))
     for mode, best, tie, worse in (("max", 1.0, 1.0, 0.5), ("min", 0.2, 0.2, 0.3)):

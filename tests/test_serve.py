@@ -21,14 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAST, ROOT, compose_config, write_image_folder
-from transfer.inference import load_classifier
-from transfer.run import train
+from tests.fixtures import train_run, FAST, ROOT, compose_config, write_image_folder
+from transfer.model.classifier import load_classifier
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
 pytest.importorskip("litserve")
-from transfer.serve import stop_server_process  # noqa: E402  (imports LitServe)
+from transfer.inference.serve import stop_server_process  # noqa: E402  (imports LitServe)
 
 
 def free_port() -> int:
@@ -54,7 +53,7 @@ def encoded(path: Path) -> str:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     images = write_image_folder(tmp / "images", per_class=12)
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp / "run")
     ckpt = results["best_checkpoint"]["path"]
     port = free_port()
     process = subprocess.Popen(

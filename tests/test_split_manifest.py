@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FAST, compose_config, make_image, write_image_folder
-from tests.test_after_training import command_config
+from tests.fixtures import train_run, FAST, compose_config, make_image, write_image_folder
+from tests.fixtures import command_config
 from transfer.errors import DataError, TransferError
-from transfer.evaluate import evaluate
-from transfer.explain import explain_files
-from transfer.resume import shape_differences
-from transfer.run import train
+from transfer.inference.evaluate import evaluate
+from transfer.inference.explain import explain_files
+from transfer.training.resume import shape_differences
 
 
 def rows_of(path: Path) -> list[dict[str, str]]:
@@ -31,8 +30,8 @@ def skipped_run(tmp_path_factory) -> dict:
     folder = write_image_folder(tmp / "images", per_class=20)
     for index in range(3):
         (folder / "dog" / f"broken_{index}.png").write_bytes(b"not a png")
-    results = train(compose_config([*FAST, "data=folder", f"data.root={folder}", "runtime.bad_images=skip",
-                                    "augment=none"], tmp / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={folder}", "runtime.bad_images=skip",
+                                    "augment=none"], tmp / "run")
     return {"folder": folder, "results": results, "run": tmp / "run", "ckpt": results["best_checkpoint"]["path"]}
 
 
@@ -61,7 +60,7 @@ def test_evaluate_after_a_skip_run_reproduces_its_test_metrics_exactly(skipped_r
 
 def test_images_added_after_training_do_not_change_what_evaluate_tests(tmp_path: Path) -> None:
     folder = write_image_folder(tmp_path / "images", per_class=16)
-    results = train(compose_config([*FAST, "data=folder", f"data.root={folder}", "augment=none"], tmp_path / "run"))
+    results = train_run([*FAST, "data=folder", f"data.root={folder}", "augment=none"], tmp_path / "run")
     ckpt = results["best_checkpoint"]["path"]
     rng = np.random.default_rng(5)
     for index in range(8):
@@ -90,21 +89,21 @@ def test_explain_can_take_the_runs_own_test_images(skipped_run, tmp_path: Path) 
 def test_resume_uses_the_first_runs_images_and_refuses_other_settings(tmp_path: Path) -> None:
     folder = write_image_folder(tmp_path / "images", per_class=16)
     overrides = [*FAST, "data=folder", f"data.root={folder}", "augment=none"]
-    first = train(compose_config(overrides, tmp_path / "first"))
+    first = train_run(overrides, tmp_path / "first")
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["transfer"]["run_shape"]["seed"] == 42
     with pytest.raises(TransferError, match=r"schedule.stages.1.lr: 0.0003 -> 0.001\n  seed: 42 -> 7"):
-        train(compose_config([*overrides, f"ckpt_path={last}", "seed=7", "schedule.stages.1.lr=1e-3"],
-                             tmp_path / "refused"))
+        train_run([*overrides, f"resume={last}", "seed=7", "schedule.stages.1.lr=1e-3"],
+                             tmp_path / "refused")
     # Images added since do not enter the resumed run: it continues on the first run's split.
     for index in range(6):
         make_image(0, 40, np.random.default_rng(index)).save(folder / "cat" / f"added_{index}.png")
-    resumed = train(compose_config([*overrides, f"ckpt_path={last}"], tmp_path / "resumed"))
+    resumed = train_run([*overrides, f"resume={last}"], tmp_path / "resumed")
     assert resumed["split_counts"] == first["split_counts"]
     assert rows_of(tmp_path / "resumed" / "split.csv") == rows_of(tmp_path / "first" / "split.csv")
     # An explicit override lets a changed setting through.
-    allowed = train(compose_config([*overrides, f"ckpt_path={last}", "schedule.stages.1.lr=1e-3",
-                                    "resume_allow_changes=true"], tmp_path / "allowed"))
+    allowed = train_run([*overrides, f"resume={last}", "schedule.stages.1.lr=1e-3",
+                                    "resume_allow_changes=true"], tmp_path / "allowed")
     assert allowed["stages"][-1]["lr"] == pytest.approx(1e-3)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, FAST, ROOT, write_image_folder
+from tests.fixtures import CONF_DIR, FAST, ROOT, write_image_folder
 import pytest
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
@@ -74,7 +74,7 @@ def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer() -> None:
 
 
 def test_search_direction_follows_the_monitor_mode() -> None:
-    import transfer.commands  # noqa: F401  (registers the optuna_direction resolver, as every command does)
+    import transfer.config.compose  # noqa: F401  (registers the optuna_direction resolver, as every command does)
     directions = {}
     for mode in ("max", "min"):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -14,15 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from tests.conftest import FAST, ROOT, command_config, compose_config
+from tests.fixtures import train_run, FAST, ROOT, command_config, compose_config
 from transfer.errors import TransferError
-from transfer.evaluate import evaluate
-from transfer.explain import explain_files
-from transfer.export import export
-from transfer.inference import load_classifier
-from transfer.metrics import IGNORE
-from transfer.predict import predict
-from transfer.run import train
+from transfer.inference.evaluate import evaluate
+from transfer.inference.explain import explain_files
+from transfer.inference.export import export
+from transfer.model.classifier import load_classifier
+from transfer.tasks import IGNORE
+from transfer.inference.predict import predict
 from transfer.tasks import Classification, Ordinal, task_from_state
 
 
@@ -64,15 +63,18 @@ def test_ordinal_loss_is_binary_cross_entropy_on_above_grade_targets() -> None:
     torch.testing.assert_close(task.loss(outputs, labels, weights, 0.0, reduction="sum"), (per_image * w).sum())
 
 
-def test_ordinal_metrics_match_scikit_learn_and_ignore_padding() -> None:
+def test_ordinal_metrics_match_scikit_learn_on_the_real_rows() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 50)
     probabilities = torch.tensor(rng.dirichlet(np.ones(4), 50), dtype=torch.float32)
     task = Ordinal()
     predicted = task.predicted(probabilities).numpy()
+    # Evaluation padding (labels IGNORE) is what `real` leaves out before any metric sees a row.
     padded_labels = torch.tensor(np.concatenate([labels, [IGNORE, IGNORE]]))
+    real = task.real(padded_labels)
+    assert real.tolist() == [True] * 50 + [False] * 2
     padded = torch.cat([probabilities, probabilities[:2]])
-    values = {k: float(v) for k, v in task.metrics(4, "")(padded, padded_labels).items()}
+    values = {k: float(v) for k, v in task.metrics(4, "")(padded[real], padded_labels[real]).items()}
     assert values["acc"] == pytest.approx(float((predicted == labels).mean()))
     assert values["mae"] == pytest.approx(float(np.abs(predicted - labels).mean()))
     assert values["qwk"] == pytest.approx(cohen_kappa_score(labels, predicted, weights="quadratic"), abs=1e-5)
@@ -102,9 +104,9 @@ def write_graded_folder(root: Path, per_class: int = 16, size: int = 40) -> Path
 def ordinal_run(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("ordinal")
     images = write_graded_folder(tmp_path / "images")
-    results = train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "task.levels=[g0,g1,g2]", "augment=none",
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "task.levels=[g0,g1,g2]", "augment=none",
                                     "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
-                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run"))  # random init: train it all
+                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run")  # random init: train it all
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
 
 
@@ -155,8 +157,8 @@ def test_ordinal_export_passes_parity_and_explain_runs(ordinal_run: dict, tmp_pa
 def test_mixup_is_refused_for_ordinal_grades(tmp_path: Path) -> None:
     images = write_graded_folder(tmp_path / "images", per_class=4)
     with pytest.raises(TransferError, match="mixup"):
-        train(compose_config([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "mixup=light"],
-                             tmp_path / "run"))
+        train_run([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "mixup=light"],
+                             tmp_path / "run")
 
 
 def test_panel_grade_metrics_from_a_confusion_matrix_match_scikit_learn() -> None:

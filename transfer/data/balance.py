@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
+
+import numpy as np
 
 from transfer.errors import DataError
 
@@ -21,7 +23,7 @@ def check_split_classes(counts: Mapping[str, Mapping[str, int]]) -> None:
         absent = [name for name, n in counts.get(split, {}).items() if n == 0]
         if absent and sum(counts.get(split, {}).values()):
             log.warning("The %s split has no images of %s: their per-class metrics are undefined and "
-                        "macro averages skip them. More data or a larger data.%s_fraction helps.",
+                        "macro averages skip them. More data or a larger data.split.%s helps.",
                         split, absent, split)
 
 
@@ -31,9 +33,12 @@ def imbalance_ratio(train_counts: Mapping[str, int]) -> float:
 
 
 def balanced_class_weights(train_counts: Mapping[str, int]) -> list[float]:
-    """``N / (K * n_k)`` (scikit-learn's 'balanced'): every class weighs the same in the loss."""
-    total, classes = sum(train_counts.values()), len(train_counts)
-    return [total / (classes * n) for n in train_counts.values()]
+    """scikit-learn's 'balanced' weights, ``N / (K * n_k)``: every class weighs the same in the loss."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    classes = np.arange(len(train_counts))
+    labels = np.repeat(classes, list(train_counts.values()))
+    return [float(w) for w in compute_class_weight("balanced", classes=classes, y=labels)]
 
 
 def class_weights_for(train_counts: Mapping[str, int], setting: str | None,
@@ -44,13 +49,13 @@ def class_weights_for(train_counts: Mapping[str, int], setting: str | None,
     if setting is None:
         if ratio >= IMBALANCE_WARNING_RATIO and sampler != "balanced":
             log.warning("Classes are imbalanced %.1f:1 in the training split (%s); accuracy will favour the "
-                        "large classes. class_weights=balanced weights the loss by inverse class frequency; "
+                        "large classes. task.class_weights=balanced weights the loss by inverse class frequency; "
                         "data.sampler=balanced draws every class equally often.", ratio, dict(train_counts))
         return None
     if setting != "balanced":
-        raise DataError(f"class_weights={setting} is not supported; use null or balanced.")
+        raise DataError(f"task.class_weights={setting} is not supported; use null or balanced.")
     if sampler == "balanced":
-        log.warning("class_weights=balanced with data.sampler=balanced corrects the imbalance twice: "
+        log.warning("task.class_weights=balanced with data.sampler=balanced corrects the imbalance twice: "
                     "rare classes now outweigh common ones. Use one of the two.")
     weights = balanced_class_weights(train_counts)
     log.info("Class weights in the loss (balanced): %s",

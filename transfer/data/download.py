@@ -1,87 +1,41 @@
-"""Fetch a dataset archive once, verify its checksum and keep it in a cache directory.
+"""Dataset archives fetched once into a cache, checked against their checksum, and unpacked: pooch.
 
-Real downloads over HTTP(S); tests point them at a loopback server.
+pooch downloads to a temporary file and keeps it only once its hash matches (a corrupt or
+interrupted download is never trusted later), re-downloads a cached file whose hash no longer
+matches, and unpacks again when a file of the archive is missing. Tests point it at a loopback
+server.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
-import zipfile
-import tarfile
 from pathlib import Path
 
 from transfer.errors import DataError
 
-CHUNK = 1 << 20
 
+def fetch_archive(url: str, checksum: str | None, cache_dir: str | os.PathLike[str], name: str,
+                  timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``cache_dir/<its file name>`` (unless a copy with ``checksum``, as
+    ``"sha1:<hex>"``, ``"sha256:<hex>"`` or ``"md5:<hex>"``, is there), unpack the zip or tar archive
+    into ``cache_dir/name`` and return that folder."""
+    import pooch
+    import requests
 
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checksum_matches(path: Path, checksum: str | None) -> bool:
-    """``checksum`` is ``"<algorithm>:<hex>"`` (e.g. ``sha1:fba4...``); ``None`` accepts any file."""
-    if checksum is None:
-        return True
-    algorithm, _, expected = checksum.partition(":")
-    return file_digest(path, algorithm).lower() == expected.lower()
-
-
-def download(url: str, destination: Path, checksum: str | None, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``destination`` unless a verified copy is already there.
-
-    The file is written under a temporary name and renamed only once complete and verified, so an
-    interrupted download never leaves a file that a later run would trust.
-    """
-    destination = Path(destination)
-    if destination.is_file() and checksum_matches(destination, checksum):
-        return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=destination.parent, prefix=destination.name, suffix=".part")
+    cache = Path(cache_dir).expanduser()
+    filename = url.rsplit("/", 1)[-1]
+    processor = pooch.Unzip(extract_dir=name) if filename.endswith(".zip") else pooch.Untar(extract_dir=name)
     try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out, CHUNK)
-        if not checksum_matches(Path(partial), checksum):
-            raise DataError(
-                f"The file downloaded from {url} does not match its checksum {checksum}: the download "
-                "was corrupted or the file changed on the server. Delete any partial copy and retry, "
-                "or set the expected checksum in the data config if the new file is trusted."
-            )
-        os.replace(partial, destination)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+        pooch.retrieve(url, known_hash=checksum, fname=filename, path=cache, processor=processor,
+                       downloader=pooch.HTTPDownloader(timeout=timeout), progressbar=False)
+    except ValueError as error:  # pooch: the hash of the downloaded file differs
         raise DataError(
-            f"Could not download {url} ({getattr(error, 'reason', error)}). This machine may be "
-            f"offline or the host unreachable. Download the file by other means and place it at "
-            f"'{destination}', or use an extracted copy with data=folder data.root=PATH."
-        ) from error
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return destination
-
-
-def extract(archive: Path, directory: Path) -> Path:
-    """Unpack a zip or tar archive into ``directory`` (once; a marker file records completion)."""
-    marker = directory / f".{archive.name}.extracted"
-    if marker.is_file():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as bundle:
-            bundle.extractall(directory)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as bundle:
-            bundle.extractall(directory, filter="data")
-    else:
-        raise DataError(f"'{archive}' is neither a zip nor a tar archive; delete it and download again.")
-    marker.touch()
-    return directory
+            f"The file downloaded from {url} does not match its checksum {checksum}: the download "
+            "was corrupted or the file changed on the server. Retry, or set the expected checksum in "
+            f"the data config if the new file is trusted. ({error})") from None
+    except requests.RequestException as error:
+        raise DataError(
+            f"Could not download {url} ({type(error).__name__}). This machine may be offline or the "
+            f"host unreachable. Download the file by other means and place it at '{cache / filename}', "
+            "or use an extracted copy with data=folder data.root=PATH.") from error
+    return cache / name

@@ -17,8 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from transfer.reports import write_csv
-from transfer.data.sources import ImageTable
+from transfer.data.csv_files import write_csv
+from transfer.data.table import ImageTable
 from transfer.errors import DataError
 
 MANIFEST = "split.csv"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer.reports import write_csv
+from transfer.data.csv_files import write_csv
 from transfer.data.images import load_rgb
-from transfer.data.sources import ImageTable
+from transfer.data.table import ImageTable
 from transfer.errors import DataError, ImageReadError
 
 log = logging.getLogger("transfer")

@@ -1,149 +1,25 @@
 """Dataset sources: each turns a user's data into an `ImageTable` (files, labels, class names).
 
 A source is chosen by the `data` config group and built with Hydra's ``_target_``; adding a
-dataset means adding one function here (or anywhere importable) that returns an `ImageTable`.
+dataset means adding one function here (or anywhere importable) that returns an `ImageTable`
+(`transfer.data.table`, also importable from here).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from transfer.data.download import download, extract
+from transfer.data.download import fetch_archive
+from transfer.data.table import SPLIT_ALIASES, ImageTable, join_pairs
 from transfer.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "test", "testing": "test"}
-
-
-KINDS = ("classes", "tags", "values")
-PAIR_SEPARATOR = ";"  # between the column=value pairs one label holds for several label columns
-
-
-def join_pairs(pairs: Iterable[tuple[str, object]]) -> str:
-    """Several named values as one label text, ``a=1;b=0`` (what `split_pairs` reads back)."""
-    return PAIR_SEPARATOR.join(f"{name}={value}" for name, value in pairs)
-
-
-def split_pairs(text: str) -> dict[str, str] | None:
-    """The ``name=value`` pairs of a label made from several label columns (`join_pairs`), or None
-    for a label of one column."""
-    if "=" not in text:
-        return None
-    pairs = {}
-    for part in (p for p in text.split(PAIR_SEPARATOR) if p.strip()):
-        name, _, value = part.partition("=")
-        pairs[name.strip()] = value.strip()
-    return pairs
-
-
-@dataclass
-class ImageTable:
-    """Everything a run needs to know about a dataset before any image is decoded.
-
-    A source reads each image's label as a string: ``labels`` index the distinct strings in
-    ``class_names``. That is the whole story for single-label tasks (``kind="classes"``). A task whose
-    answer is not one class (`transfer.tasks`) parses those strings in its ``arrange``: a multi-label
-    table (``kind="tags"``) then has ``targets`` of 0/1 per tag named in ``class_names``, a regression
-    table (``kind="values"``) ``targets`` of numbers per target named in ``class_names``, and
-    ``labels`` become the strata that splits, folds and samplers balance (the tag combination, or
-    the value's quantile bin).
-    """
-
-    paths: list[str]
-    labels: np.ndarray
-    class_names: list[str]
-    # Split fixed by the dataset itself ("train"/"val"/"test" per row), or None to split by seed.
-    splits: np.ndarray | None = None
-    name: str = "images"
-    extra: dict = field(default_factory=dict)
-    kind: str = "classes"
-    targets: np.ndarray | None = None  # float32 (images x class_names) for kinds "tags" and "values"
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if len(self.paths) != len(self.labels):
-            raise ValueError("paths and labels differ in length")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind} is not one of {KINDS}")
-        if (self.targets is None) != (self.kind == "classes"):
-            raise ValueError("targets are given exactly for kinds 'tags' and 'values'")
-        if self.targets is not None:
-            self.targets = np.asarray(self.targets, dtype=np.float32).reshape(len(self.paths), -1)
-        if self.splits is not None:
-            self.splits = np.asarray(self.splits, dtype=object)
-        if not self.paths:
-            raise DataError(f"Dataset '{self.name}' has no images.")
-        if self.kind == "classes" and len(self.class_names) < 2:
-            raise DataError(
-                f"Dataset '{self.name}' has {len(self.class_names)} class ({self.class_names}); "
-                "a classifier needs at least two. Add a folder (or CSV label) per class."
-            )
-
-    @property
-    def num_classes(self) -> int:
-        """Classes, tags or regression targets: the head's outputs before the task's own mapping."""
-        return len(self.class_names)
-
-    def take(self, rows: np.ndarray) -> "ImageTable":
-        """The same dataset restricted to ``rows`` (indices, in the order given)."""
-        return ImageTable([self.paths[i] for i in rows], self.labels[rows], self.class_names,
-                          None if self.splits is None else self.splits[rows], self.name, self.extra, self.kind,
-                          None if self.targets is None else self.targets[rows])
-
-    def answers(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """What the model learns for ``rows`` (all by default): class indices, or the targets."""
-        rows = np.arange(len(self.paths)) if rows is None else rows
-        return self.labels[rows] if self.targets is None else self.targets[rows]
-
-    def stratify_on(self) -> np.ndarray:
-        """What splits and folds keep in proportion: classes or strata, or every tag (iteratively)."""
-        return self.targets.astype(np.int64) if self.kind == "tags" else self.labels
-
-    def label_text(self, row: int) -> str:
-        """Row ``row``'s label as a string its task reads back (split.csv stores it)."""
-        if self.kind == "classes":
-            return self.class_names[self.labels[row]]
-        values = self.targets[row]
-        if self.kind == "tags":  # in the separator the task read them with (task.separator)
-            return self.extra.get("separator", ";").join(n for n, value in zip(self.class_names, values) if value >= 0.5)
-        # str of a float32 is its shortest exact form (0.637, not 0.6370000243186951).
-        if len(self.class_names) == 1:
-            return str(values[0])
-        return join_pairs(zip(self.class_names, values))
-
-    def counts(self, rows: np.ndarray | None = None) -> dict[str, int | float]:
-        """Per class: images; per tag: positive images; per regression target: the mean value."""
-        answers = self.answers(rows)
-        if self.kind == "classes":
-            return dict(zip(self.class_names, np.bincount(answers, minlength=self.num_classes).tolist()))
-        if self.kind == "tags":
-            return dict(zip(self.class_names, answers.sum(axis=0).astype(int).tolist()))
-        means = answers.mean(axis=0) if len(answers) else np.full(self.num_classes, np.nan)
-        return {"images": int(len(answers)), **{f"mean {n}": round(float(m), 4) for n, m in zip(self.class_names, means)}}
-
-
-def subsample(table: ImageTable, max_images: int | None, seed: int) -> ImageTable:
-    """At most ``max_images`` rows, stratified by class (and by predefined split), for quick runs."""
-    if not max_images or max_images >= len(table.paths):
-        return table
-    rng = np.random.default_rng(seed)
-    strata = table.labels.astype(str) if table.splits is None else np.char.add(
-        table.labels.astype(str), table.splits.astype(str))
-    keep = []
-    for stratum in np.unique(strata):
-        members = np.flatnonzero(strata == stratum)
-        count = max(1, int(round(max_images * len(members) / len(strata))))
-        keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
-    return table.take(np.sort(np.concatenate(keep)))
-
+__all__ = ["ImageTable", "csv_manifest", "elpv", "hotdog", "image_folder", "tag_folders"]
 
 def _folder_samples(root: Path, class_names: Sequence[str], extensions: tuple[str, ...]):
     class_to_idx = {name: index for index, name in enumerate(class_names)}
@@ -262,13 +138,6 @@ def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_colum
     return ImageTable(paths, labels, class_names, splits, name=path.stem, extra=extra)
 
 
-def first_row_of(table: ImageTable, label: int) -> str:
-    """Where label index ``label`` first occurs: the file, and its CSV row when the table came from one."""
-    row = int(np.flatnonzero(table.labels == label)[0])
-    where = f" (row {row + 2} of {table.extra['csv']})" if "csv" in table.extra else ""
-    return f"{table.paths[row]}{where}"
-
-
 ELPV_TASKS = {
     # task: (class names, function from (defect probability, cell type) to class index)
     "defective": (["functional", "defective"], lambda p, t: int(p >= 0.5)),
@@ -318,9 +187,7 @@ def elpv(task: str = "defective", labels_csv: str | None = None) -> ImageTable:
 
 def hotdog(url: str, checksum: str | None, cache_dir: str | os.PathLike) -> ImageTable:
     """The d2l.ai hot dog / not hot dog dataset (train and test folders), downloaded once and cached."""
-    cache_dir = Path(cache_dir).expanduser()
-    archive = download(url, cache_dir / "hotdog.zip", checksum)
-    extracted = extract(archive, cache_dir / "hotdog")
+    extracted = fetch_archive(url, checksum, cache_dir, "hotdog")
     root = extracted / "hotdog" if (extracted / "hotdog").is_dir() else extracted
     table = image_folder(root)
     table.name = "hotdog"

@@ -1,17 +1,29 @@
-"""Stratified, seeded, disjoint train/val/test splits.
+"""Stratified, seeded, disjoint train/val/test splits, and the folds of a cross-validation.
 
-Single-label data is stratified class by class. Multi-label data (a 0/1 matrix, one column per
-tag) is split by iterative stratification (Sechidis et al. 2011; Szymanski & Kajdanowicz 2017),
-from the `iterative-stratification` package: every tag keeps its share in each split, rare
-tags first, where one split per tag combination would leave most combinations too small to split.
+``data.split.test`` and ``data.split.val`` are shares of the images the dataset leaves unassigned:
+of all of them, unless the dataset fixes some splits itself (``train/`` and ``test/`` folders, a
+split column), in which case the missing splits are carved from its training images. So test 0.25
+and val 0.075 give 2,624 ELPV cells a 1,771 / 197 / 656 split.
+
+Single-label data is stratified class by class, with our own seeded draw: scikit-learn's
+``train_test_split(stratify=)`` draws other images, and users compare runs on "the same 656 test
+images". Multi-label data (a 0/1 matrix, one column per tag) is split by iterative stratification
+(Sechidis et al. 2011; Szymanski & Kajdanowicz 2017) from the `iterative-stratification` package:
+every tag keeps its share in each split, rare tags first, where one split per tag combination would
+leave most combinations too small to split. Folds come from scikit-learn's ``StratifiedKFold`` and
+`iterative-stratification`'s ``MultilabelStratifiedKFold``.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
+from transfer.errors import DataError
 
-def _take_stratified(indices: np.ndarray, labels: np.ndarray, fraction: float,
+
+def _take_stratified(indices: np.ndarray, labels: np.ndarray, fraction: Fraction,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (rest, taken) with ``fraction`` of every class (or tag) in ``taken``."""
     if labels.ndim == 2:
@@ -20,7 +32,7 @@ def _take_stratified(indices: np.ndarray, labels: np.ndarray, fraction: float,
     for label in np.unique(labels[indices]):
         members = indices[labels[indices] == label]
         members = members[rng.permutation(len(members))]
-        count = int(round(fraction * len(members)))
+        count = round(fraction * len(members))
         if fraction > 0 and count == 0 and len(members) >= 3:
             count = 1  # a rare class still appears in every split when it can
         taken.append(members[:count])
@@ -29,11 +41,11 @@ def _take_stratified(indices: np.ndarray, labels: np.ndarray, fraction: float,
     return rest, taken_indices
 
 
-def _take_multilabel(indices: np.ndarray, tags: np.ndarray, fraction: float,
+def _take_multilabel(indices: np.ndarray, tags: np.ndarray, fraction: Fraction,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-    count = int(round(fraction * len(indices)))
+    count = round(fraction * len(indices))
     if count == 0 or count >= len(indices):
         return (indices, indices[:0]) if count == 0 else (indices[:0], indices)
     splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=count,
@@ -42,28 +54,49 @@ def _take_multilabel(indices: np.ndarray, tags: np.ndarray, fraction: float,
     return np.sort(indices[rest]), np.sort(indices[taken])
 
 
-def split_indices(labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int,
+def share_of(share: float, unassigned: int, pool: int) -> Fraction:
+    """The fraction of ``pool`` images that is ``share`` of the ``unassigned`` ones, exactly (shares
+    as written, 0.075, not as the nearest float), so equal shares give equal splits."""
+    return Fraction(str(share)) * unassigned / max(1, pool)
+
+
+def split_indices(labels: np.ndarray, test: float, val: float, seed: int,
                   predefined: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Indices for "train", "val" and "test"; ``labels``: class indices, or a 0/1 tag matrix.
 
-    ``test_fraction`` is a fraction of the whole dataset; ``val_fraction`` a fraction of what remains
-    for training (so 0.25 / 0.1 gives the 75/25 train/test protocol with a tenth of train held out
-    for model selection). Splits the dataset already defines (``predefined``) are kept; only the
-    missing ones are carved, stratified by class, from its training part.
+    ``test`` and ``val`` are shares of the images without a predefined split (all of them when
+    ``predefined`` is None); splits the dataset defines are kept, the missing ones carved,
+    stratified, from its training images: test first, then val.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     everything = np.arange(len(labels))
     if predefined is None:
         predefined = np.full(len(labels), "train", dtype=object)
-        predefined_test = False
-    else:
-        predefined_test = bool((predefined == "test").any())
     train = everything[predefined == "train"]
-    test = everything[predefined == "test"]
-    val = everything[predefined == "val"]
-    if not predefined_test and test_fraction > 0:
-        train, test = _take_stratified(train, labels, test_fraction, rng)
-    if len(val) == 0 and val_fraction > 0:
-        train, val = _take_stratified(train, labels, val_fraction, rng)
-    return {"train": train, "val": val, "test": test}
+    test_rows = everything[predefined == "test"]
+    val_rows = everything[predefined == "val"]
+    unassigned = len(train)
+    if len(test_rows) == 0 and test > 0:
+        train, test_rows = _take_stratified(train, labels, share_of(test, unassigned, len(train)), rng)
+    if len(val_rows) == 0 and val > 0:
+        train, val_rows = _take_stratified(train, labels, share_of(val, unassigned, len(train)), rng)
+    return {"train": train, "val": val_rows, "test": test_rows}
+
+
+def fold_splits(labels: np.ndarray, pool: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """The validation indices of each fold: a stratified, seeded partition of ``pool``; ``labels``
+    are classes (or strata), or a 0/1 tag matrix (iterative stratification)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if labels.ndim == 2:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+        splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return [pool[np.sort(held_out)] for _, held_out in splitter.split(np.zeros(len(pool)), labels[pool])]
+    counts = np.bincount(labels[pool])
+    if counts[counts > 0].min() < folds:
+        raise DataError(f"cv.folds={folds} needs at least {folds} training images of every class; the smallest "
+                        f"class has {counts[counts > 0].min()}. Use fewer folds or more images.")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [pool[held_out] for _, held_out in splitter.split(pool, labels[pool])]

@@ -9,7 +9,8 @@ the result as ``${input.size}``.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -64,16 +65,17 @@ def resize_target(input_config: Mapping[str, Any]) -> int:
     return int(math.floor(min(input_config["size"]) / input_config["crop_pct"]))
 
 
-def eval_transform(input_config: Mapping[str, Any]) -> A.Compose:
+def geometry(input_config: Mapping[str, Any]) -> list[A.BasicTransform]:
     """Resize the short side to size / crop_pct, then center-crop: timm's evaluation protocol."""
     height, width = input_config["size"]
-    scale = resize_target(input_config)
-    interpolation = INTERPOLATION[input_config["interpolation"]]
-    return A.Compose([
-        A.SmallestMaxSize(max_size=scale, interpolation=interpolation),
-        A.CenterCrop(height=height, width=width),
-        *finishing(input_config),
-    ])
+    return [A.SmallestMaxSize(max_size=resize_target(input_config),
+                              interpolation=INTERPOLATION[input_config["interpolation"]]),
+            A.CenterCrop(height=height, width=width)]
+
+
+def eval_transform(input_config: Mapping[str, Any]) -> A.Compose:
+    """`geometry`, then `finishing`: what every image is turned into for evaluation and prediction."""
+    return A.Compose([*geometry(input_config), *finishing(input_config)])
 
 
 def train_transform(augmentations: Sequence[A.BasicTransform] | None,

@@ -6,13 +6,15 @@ command loads it wherever that module imports.
 
 The LightningModule, `evaluate`, `predict`, `explain`, `export` and the server consult the run's
 task (recorded in every checkpoint) instead of assuming a softmax classifier. `TASKS` names the
-packaged ones.
+packaged ones. Reports for people (evaluate's tables and figures) are built from a task's outputs
+in `transfer.inference.reports`; tasks do not know about them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from transfer.data.table import IGNORE
 from transfer.errors import TransferError
 from transfer.tasks.base import Task
 from transfer.tasks.classification import Classification
@@ -48,4 +50,4 @@ def task_from_state(state: dict[str, Any] | None) -> Task:
                         f"it knows {sorted(TASKS)}.")
 
 
-__all__ = ["TASKS", "Classification", "Multilabel", "Ordinal", "Regression", "Task", "task_from_state", "task_record"]
+__all__ = ["IGNORE", "TASKS", "Classification", "Multilabel", "Ordinal", "Regression", "Task", "task_from_state", "task_record"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -11,13 +12,8 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchmetrics.wrappers import LambdaInputTransformer
 
+from transfer.data.table import IGNORE, ImageTable
 from transfer.errors import DataError, TransferError
-from transfer.metrics import IGNORE
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from transfer.data.sources import ImageTable
 
 
 class Task(ABC):
@@ -32,6 +28,10 @@ class Task(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str] = "classes"  # what `arrange` makes of the labels (`ImageTable.kind`)
+    # The loss options of class tasks (``task.label_smoothing``, ``task.class_weights`` in their
+    # configs); other tasks keep these defaults.
+    label_smoothing: float = 0.0
+    class_weights: str | None = None  # null | balanced: weight the loss by inverse class frequency
 
     @abstractmethod
     def outputs(self, num_classes: int) -> int:
@@ -58,7 +58,8 @@ class Task(ABC):
 
     @abstractmethod
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
-        """Validation and test metrics, updated with (probabilities, labels); IGNORE labels left out."""
+        """Validation and test metrics, updated with (decoded outputs, targets) of real images only
+        (callers leave evaluation padding out with `real`)."""
 
     @abstractmethod
     def score(self, outputs: torch.Tensor, target: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ class Task(ABC):
         the predicted class."""
         return int(self.predicted(decoded[None])[0])
 
-    def arrange(self, table: "ImageTable") -> "ImageTable":
+    def arrange(self, table: ImageTable) -> ImageTable:
         """The dataset's labels as this task reads them (classes in a declared order, tags, numbers);
         unchanged by default. A label the task cannot read is an error naming its file (and CSV row)."""
         columns = table.extra.get("label_columns") or []
@@ -78,7 +79,7 @@ class Task(ABC):
                             "reads one label per image. Use task=multilabel (0/1 columns) or task=regression.")
         return table
 
-    def fit(self, table: "ImageTable", rows: np.ndarray) -> None:
+    def fit(self, table: ImageTable, rows: np.ndarray) -> None:
         """Learn what the task needs from the training rows before training (e.g. target scaling)."""
 
     def real(self, targets: torch.Tensor) -> torch.Tensor:
@@ -126,13 +127,6 @@ class Task(ABC):
         """predict's summary: images per predicted class."""
         counts = torch.bincount(self.predicted(decoded), minlength=len(names)).tolist() if len(decoded) else [0] * len(names)
         return dict(zip(names, counts))
-
-    def report(self, out_dir: "Path", paths: Sequence[str], decoded: torch.Tensor, answers: torch.Tensor,
-               names: Sequence[str], title: str, gallery_size: int) -> dict[str, Any]:
-        """evaluate.py's files beside metrics.json, and what metrics.json adds (`transfer.tasks.reports`)."""
-        from transfer.tasks.reports import class_report
-
-        return class_report(self, out_dir, paths, decoded, answers, names, title, gallery_size)
 
     def true_text(self, answer: Any, names: Sequence[str]) -> str:
         """An image's label as a predictions.csv cell."""

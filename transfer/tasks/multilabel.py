@@ -14,8 +14,8 @@ Splits and folds keep every tag's share by iterative stratification (`transfer.d
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from transfer.data.sources import ImageTable, first_row_of, split_pairs
+from transfer.data.table import ImageTable, first_row_of, split_pairs
 from transfer.errors import DataError
 from transfer.tasks.base import Task
 
@@ -206,12 +206,6 @@ class Multilabel(Task):
         """predict's summary: images predicted to have each tag."""
         counts = self.predicted(decoded).sum(dim=0).tolist() if len(decoded) else [0] * len(names)
         return dict(zip(names, counts))
-
-    def report(self, out_dir: Path, paths: Sequence[str], decoded: torch.Tensor, answers: torch.Tensor,
-               names: Sequence[str], title: str, gallery_size: int) -> dict[str, Any]:
-        from transfer.tasks.reports import tag_report
-
-        return tag_report(self, out_dir, paths, decoded, answers, names)
 
     def true_text(self, answer: Any, names: Sequence[str]) -> str:
         return self.separator.join(name for name, on in zip(names, np.asarray(answer).tolist()) if on >= 0.5)

@@ -12,19 +12,21 @@ Metrics: accuracy, mean absolute error in classes (``mae``), quadratic weighted 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCohenKappa
+from torchmetrics.regression import MeanAbsoluteError
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from transfer.data.sources import ImageTable, first_row_of
+from transfer.data.table import IGNORE, ImageTable, first_row_of
 from transfer.errors import DataError
-from transfer.metrics import IGNORE
 from transfer.tasks.base import Task
+from transfer.tasks.classification import check_class_weights
 
 
 def above(probabilities: torch.Tensor) -> torch.Tensor:
@@ -36,36 +38,21 @@ def median_class(probabilities: torch.Tensor) -> torch.Tensor:
     return (above(probabilities) >= 0.5).sum(dim=-1)
 
 
-class MeanClassError(Metric):
-    """Mean absolute difference between predicted and true class indices (IGNORE labels left out)."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
-        real = labels != IGNORE
-        self.total += (predicted[real] - labels[real]).abs().float().sum()
-        self.count += real.sum()
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count.clamp(min=1)
-
-
 class Ordinal(Task):
     """Ordered classes: K-1 cumulative binary outputs, binary cross-entropy, the median grade.
 
     ``levels``: the grades, lowest first, as the data names them (folder or label names). Without
     them the dataset's own class order is taken (sorted names for folders and CSVs), which is only
-    right when names sort in grade order.
+    right when names sort in grade order. ``label_smoothing`` and ``class_weights`` as for
+    classification.
     """
 
     name = "ordinal"
 
-    def __init__(self, levels: Sequence[str] | None = None) -> None:
+    def __init__(self, levels: Sequence[str] | None = None, label_smoothing: float = 0.0,
+                 class_weights: str | None = None) -> None:
+        self.label_smoothing = float(label_smoothing)
+        self.class_weights = check_class_weights(class_weights)
         self.levels = list(levels) if levels is not None else None
         if self.levels is not None and (len(self.levels) < 2 or len(set(self.levels)) != len(self.levels)):
             raise DataError(f"task.levels={self.levels}: give at least two distinct grades, lowest first.")
@@ -118,7 +105,9 @@ class Ordinal(Task):
             {
                 "acc": LambdaInputTransformer(MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE),
                                               transform_pred=median_class),
-                "mae": LambdaInputTransformer(MeanClassError(), transform_pred=median_class),
+                # The error in grades: torchmetrics' mean absolute error of the predicted grade.
+                "mae": LambdaInputTransformer(MeanAbsoluteError(), transform_pred=lambda p: median_class(p).float(),
+                                              transform_target=lambda t: t.float()),
                 "qwk": LambdaInputTransformer(MulticlassCohenKappa(num_classes, weights="quadratic",
                                                                    ignore_index=IGNORE),
                                               transform_pred=median_class),

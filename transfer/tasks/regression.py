@@ -17,8 +17,8 @@ at 0.5).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, Multicl
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 from torchmetrics.wrappers import LambdaInputTransformer
 
-from transfer.data.sources import ImageTable, first_row_of, split_pairs
+from transfer.data.table import ImageTable, first_row_of, split_pairs
 from transfer.errors import DataError
 from transfer.tasks.base import Task
 
@@ -205,12 +205,6 @@ class Regression(Task):
         """predict's summary: the mean predicted value per target."""
         means = decoded.mean(dim=0).tolist() if len(decoded) else [float("nan")] * len(names)
         return {f"mean {name}": round(m, 6) for name, m in zip(names, means)}
-
-    def report(self, out_dir: Path, paths: Sequence[str], decoded: torch.Tensor, answers: torch.Tensor,
-               names: Sequence[str], title: str, gallery_size: int) -> dict[str, Any]:
-        from transfer.tasks.reports import value_report
-
-        return value_report(self, out_dir, paths, decoded, answers, names, title)
 
     def true_text(self, answer: Any, names: Sequence[str]) -> str:
         return ";".join(f"{float(v):.6f}" for v in np.atleast_1d(answer))

@@ -1,0 +1,290 @@
+"""``augment=auto``: choose, from the user's own images, the augmentations that keep their labels.
+
+A mirrored "b" is a "d", a turned "6" is a "9", but a mirrored solar cell is still defective and a
+mirrored cat still a cat. Which transforms are safe is a property of the data, so it is measured
+on the data before training, with the frozen pretrained backbone:
+
+1. Pooled features (`transfer.model.features.pooled_features`) of training and validation images
+   (never test), once as they are and once per candidate view: each image mirrored, flipped,
+   turned by 90 degrees, randomly cropped at two strengths, colour-jittered (seeded draws).
+2. A linear probe (a ridge classifier on standardised features) in stratified K-fold
+   cross-validation, on the held-out originals of each fold:
+   * trained on the originals: the baseline;
+   * trained on the originals plus one view: does adding that view cost accuracy on real images?
+     A view that changes labels teaches the probe contradictions;
+   * the baseline tested on the held-out *view*: is a transformed image still recognised by a
+     model that never saw one? Where orientation carries meaning (characters, upright faces) or
+     the change removes what decides the class it is not, even when a probe could learn both.
+3. `judge` keeps the views that are recognised and cost no accuracy; the chosen views become an albumentations pipeline, written into the run's ``config.yaml``
+   (``augment.train``), ``augment/chosen.yaml`` and, with the evidence, ``results.json``.
+
+The probe costs one pass of the frozen backbone per view over at most ``max_images`` images, and
+seconds of closed-form fits; everything is seeded, so a seed gives one decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from transfer.data.datamodule import ImageDataset
+from transfer.data.table import ImageTable, stratified_subset
+from transfer.data.transforms import INTERPOLATION, eval_transform, finishing, geometry, resize_target
+from transfer.model.features import extract_features
+
+log = logging.getLogger("transfer")
+
+GEOMETRIC = ("hflip", "vflip", "rot90")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """``augment.probe`` in conf/augment/auto.yaml."""
+
+    max_images: int = 1000        # training + validation images the probe looks at (stratified subset)
+    folds: int = 5                # cross-validation folds (fewer when a class has fewer images)
+    tolerance: float = 0.005      # accuracy training with a view may cost and still be kept (noise allowance)
+    recognition_tolerance: float = 0.02  # how much worse transformed images may be recognised
+    crop_scales: tuple[float, ...] = (0.7, 0.35)  # RandomResizedCrop lower scales, mildest first
+    colour: bool = True           # also probe brightness/contrast/saturation/hue changes
+
+    @property
+    def min_images(self) -> int:
+        """Below this many probed images one image weighs more than the recognition tolerance
+        (50 at 2 points), so the probe cannot show that any view is safe."""
+        return math.ceil(1.0 / self.recognition_tolerance - 1e-9)
+
+
+def _turn(image: np.ndarray, **_: Any) -> np.ndarray:
+    """A quarter turn counter-clockwise (albumentations' RandomRotate90 draws its turn at random)."""
+    return np.ascontiguousarray(np.rot90(image))
+
+
+def view_pipelines(input_config: Mapping[str, Any], settings: ProbeSettings, seed: int) -> dict[str, A.Compose]:
+    """Each candidate view as a full preprocessing pipeline (the evaluation one plus that change)."""
+    height, width = input_config["size"]
+    views: dict[str, list[A.BasicTransform]] = {
+        "hflip": [A.HorizontalFlip(p=1.0), *geometry(input_config)],
+        "vflip": [A.VerticalFlip(p=1.0), *geometry(input_config)],
+        "rot90": [A.Lambda(image=_turn, p=1.0), *geometry(input_config)],
+    }
+    for scale in settings.crop_scales:
+        views[f"crop{scale:g}"] = [A.RandomResizedCrop(size=(height, width), scale=(scale, 1.0))]
+    if settings.colour:
+        views["colour"] = [*geometry(input_config), A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3,
+                                                                  hue=0.05, p=1.0)]
+    pipelines = {}
+    for index, (name, transforms) in enumerate(views.items()):
+        pipeline = A.Compose([*transforms, *finishing(input_config)])
+        pipeline.set_random_seed(seed + index)  # the crop and colour draws are part of the seed
+        pipelines[name] = pipeline
+    return pipelines
+
+
+def probe_rows(table: ImageTable, splits: Mapping[str, np.ndarray], max_images: int, seed: int) -> np.ndarray:
+    """Table rows of the training and validation splits (never test), a stratified subset."""
+    rows = np.concatenate([splits["train"], splits["val"]])
+    if len(rows) <= max_images:
+        return np.sort(rows)
+    return stratified_subset(rows, table.labels[rows], max_images, seed, at_least=2)
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """The images the probe looks at and how it loads them."""
+
+    table: ImageTable
+    splits: Mapping[str, np.ndarray]
+    batch_size: int
+    num_workers: int
+
+
+def features_of(model: nn.Module, data: ProbeData, rows: np.ndarray, transform: Callable[..., Any],
+                channels_last: bool) -> np.ndarray:
+    table = data.table
+    dataset = ImageDataset([table.paths[i] for i in rows], table.labels[rows], transform)
+    loader = DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers)
+    features, _ = extract_features(model, loader, torch.device("cpu"), channels_last)
+    return np.asarray(features.numpy(), dtype=np.float64)
+
+
+def cross_validated_accuracy(original: np.ndarray, labels: np.ndarray, views: Mapping[str, np.ndarray],
+                             folds: int, seed: int) -> dict[str, Any]:
+    """Per-image correctness on held-out originals of a probe trained on originals (``"none"``) and
+    of one trained on originals plus each view (``correct``); and the baseline probe's correctness
+    on each held-out *view* (``recognised``: does a model of upright images still recognise it).
+
+    The probe is a ridge classifier on standardised features, its strength chosen once on the
+    originals by efficient leave-one-out (``RidgeClassifierCV``): closed-form fits, so a probe takes
+    seconds where an iterative logistic regression takes minutes and may not converge.
+    """
+    from sklearn.linear_model import RidgeClassifier, RidgeClassifierCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    alpha = float(RidgeClassifierCV(alphas=np.logspace(-1, 5, 13)).fit(
+        StandardScaler().fit_transform(original), labels).alpha_)
+    correct = {name: np.zeros(len(labels), dtype=bool) for name in ("none", *views)}
+    recognised = {name: np.zeros(len(labels), dtype=bool) for name in views}
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, held_out in splitter.split(original, labels):
+        scaler = StandardScaler().fit(original[train])
+        base = RidgeClassifier(alpha=alpha).fit(scaler.transform(original[train]), labels[train])
+        test = scaler.transform(original[held_out])
+        correct["none"][held_out] = base.predict(test) == labels[held_out]
+        for name, features in views.items():
+            recognised[name][held_out] = base.predict(scaler.transform(features[held_out])) == labels[held_out]
+            # Twice the images: twice the penalty keeps the regularisation per image the same.
+            probe = RidgeClassifier(alpha=2 * alpha).fit(
+                scaler.transform(np.concatenate([original[train], features[train]])),
+                np.concatenate([labels[train], labels[train]]))
+            correct[name][held_out] = probe.predict(test) == labels[held_out]
+    return {"correct": correct, "recognised": recognised, "alpha": alpha}
+
+
+def paired(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
+    """Mean per-image difference and its standard error."""
+    difference = after.astype(np.float64) - before.astype(np.float64)
+    error = float(difference.std(ddof=1) / np.sqrt(len(difference))) if len(difference) > 1 else 0.0
+    return float(difference.mean()), error
+
+
+def judge(correct: Mapping[str, np.ndarray], recognised: Mapping[str, np.ndarray], tolerance: float,
+          recognition_tolerance: float) -> dict[str, dict[str, Any]]:
+    """Evidence and verdict per view. A view is kept when both hold:
+
+    * it is *recognised*: the probe trained on untransformed images classifies transformed ones
+      at most ``recognition_tolerance`` worse than untransformed ones. That holds where the label
+      survives the change (a mirrored cell, a mirrored cat, a crop of a photo) and fails where
+      orientation carries meaning (a mirrored "b", a turned "6", a face upside down) or the
+      change removes what decides the class (a crop that cuts strokes off a character). The
+      allowance is fixed, not scaled by the noise: on a few images the probe cannot show that a
+      view is safe, and then the view is left out;
+    * it costs no accuracy: training with it loses at most ``max(tolerance, 1 standard error)``
+      on the real images (a view that changes labels teaches the probe contradictions).
+    """
+    evidence = {}
+    for name in recognised:
+        change, error = paired(correct[name], correct["none"])
+        recognition, recognition_error = paired(recognised[name], correct["none"])
+        harmless = change >= -max(tolerance, error)
+        invariant = recognition >= -recognition_tolerance
+        evidence[name] = {
+            "accuracy": round(float(correct[name].mean()), 4),
+            "change": round(change, 4),
+            "standard_error": round(error, 4),
+            "recognised": round(float(recognised[name].mean()), 4),
+            "recognised_change": round(recognition, 4),
+            "recognised_standard_error": round(recognition_error, 4),
+            "keep": bool(harmless and invariant),
+            "reason": ("recognised and costs no accuracy" if harmless and invariant else
+                       "not recognised: the label does not survive it" if not invariant else "costs accuracy"),
+        }
+    return evidence
+
+
+def consistent_geometry(evidence: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The kept flips and turns, as a set the pipeline can apply without producing a rejected one:
+    a 90-degree turn combined with one flip generates the other flip, so it stays only when both
+    flips are kept or both are rejected."""
+    kept = [name for name in GEOMETRIC if evidence[name]["keep"]]
+    flips = [name for name in ("hflip", "vflip") if name in kept]
+    if "rot90" in kept and len(flips) == 1:
+        kept.remove("rot90")
+    return kept
+
+
+def pipeline_nodes(evidence: Mapping[str, Mapping[str, Any]], input_config: Mapping[str, Any],
+                   settings: ProbeSettings) -> list[dict[str, Any]] | None:
+    """The chosen augmentation list as Hydra ``_target_`` nodes (what ``augment.train`` holds);
+    None when no view is kept: training then sees exactly the evaluation preprocessing."""
+    if not any(e["keep"] for e in evidence.values()):
+        return None
+    height, width = input_config["size"]
+    crops = [scale for scale in settings.crop_scales if evidence[f"crop{scale:g}"]["keep"]]
+    if crops:
+        nodes = [{"_target_": "albumentations.RandomResizedCrop", "size": [height, width],
+                  "scale": [min(crops), 1.0]}]
+    else:  # the evaluation geometry: resize the short side, center crop
+        nodes = [{"_target_": "albumentations.SmallestMaxSize", "max_size": resize_target(input_config),
+                  "interpolation": INTERPOLATION[input_config["interpolation"]]},
+                 {"_target_": "albumentations.CenterCrop", "height": height, "width": width}]
+    geometry = consistent_geometry(evidence)
+    if set(geometry) == set(GEOMETRIC):
+        nodes.append({"_target_": "albumentations.SquareSymmetry", "p": 1.0})  # all 8 flips and turns
+    else:
+        if "hflip" in geometry:
+            nodes.append({"_target_": "albumentations.HorizontalFlip", "p": 0.5})
+        if "vflip" in geometry:
+            nodes.append({"_target_": "albumentations.VerticalFlip", "p": 0.5})
+        if "rot90" in geometry:
+            nodes.append({"_target_": "albumentations.RandomRotate90", "p": 1.0})
+    if settings.colour and evidence["colour"]["keep"]:
+        nodes.append({"_target_": "albumentations.ColorJitter", "brightness": 0.2, "contrast": 0.2,
+                      "saturation": 0.2, "hue": 0.02, "p": 0.8})
+    return nodes
+
+
+def choose_augmentation(model: nn.Module, data: ProbeData, input_config: Mapping[str, Any],
+                        settings: ProbeSettings, seed: int, channels_last: bool = False) -> dict[str, Any]:
+    """Run the probe; returns ``{"train": nodes, "evidence": ..., ...}`` for the plan and results."""
+    started = time.perf_counter()
+    rows = probe_rows(data.table, data.splits, settings.max_images, seed)
+    labels = data.table.labels[rows]
+    folds = min(settings.folds, int(np.bincount(labels).min()))
+    if len(rows) < settings.min_images:
+        log.warning("augment=auto: %d training/validation images are too few to probe (one image is %.1f points "
+                    "of the probe's accuracy, more than its %.0f-point tolerance; it needs %d): training "
+                    "without augmentation. Choose one with augment=... if you know your labels survive it.",
+                    len(rows), 100 / len(rows), 100 * settings.recognition_tolerance, settings.min_images)
+        return {"train": None, "evidence": {}, "images": len(rows), "folds": 0,
+                "reason": f"too few images to probe (fewer than {settings.min_images})"}
+    if folds < 2:
+        log.warning("augment=auto: a class has fewer than 2 training/validation images, too few to "
+                    "probe; training without augmentation.")
+        return {"train": None, "evidence": {}, "images": len(rows), "folds": 0,
+                "reason": "too few images per class to probe"}
+    original = features_of(model, data, rows, eval_transform(input_config), channels_last)
+    views = {name: features_of(model, data, rows, pipeline, channels_last)
+             for name, pipeline in view_pipelines(input_config, settings, seed).items()}
+    extracted = time.perf_counter()
+    scores = cross_validated_accuracy(original, labels, views, folds, seed)
+    evidence = judge(scores["correct"], scores["recognised"], settings.tolerance, settings.recognition_tolerance)
+    nodes = pipeline_nodes(evidence, input_config, settings)
+    report = {"train": nodes, "evidence": evidence, "images": int(len(rows)), "folds": folds,
+              "baseline_accuracy": round(float(scores["correct"]["none"].mean()), 4),
+              "ridge_alpha": scores["alpha"],
+              "seconds": round(time.perf_counter() - started, 1),
+              "feature_seconds": round(extracted - started, 1)}
+    log_decision(report)
+    return report
+
+
+def log_decision(report: Mapping[str, Any]) -> None:
+    lines = [f"  {name:<9s} probe acc {e['accuracy']:.4f} ({e['change']:+.4f} +- {e['standard_error']:.4f}), "
+             f"recognised {e['recognised']:.4f} ({e['recognised_change']:+.4f} +- "
+             f"{e['recognised_standard_error']:.4f}): {'keep' if e['keep'] else 'reject'}, {e['reason']}"
+             for name, e in report["evidence"].items()]
+    chosen = ", ".join(node["_target_"].rsplit(".", 1)[-1] for node in report["train"] or []) or "no augmentation"
+    log.info("augment=auto: linear probe on %d train/val images, %d-fold, baseline acc %.4f (%.0fs, "
+             "%.0fs of it features)\n%s\n  chosen: %s", report["images"], report["folds"],
+             report["baseline_accuracy"], report["seconds"], report["feature_seconds"],
+             "\n".join(lines), chosen)
+
+
+def settings_from(config: Mapping[str, Any] | None) -> ProbeSettings:
+    values = dict(config or {})
+    if "crop_scales" in values:
+        values["crop_scales"] = tuple(sorted((float(s) for s in values["crop_scales"]), reverse=True))
+    return ProbeSettings(**values)
+
