@@ -20,8 +20,7 @@ CONFIGS = [  # (name, channels_last, malloc_tuning)
 ]
 
 
-def measure(model_name: str, batch: int, size: int, channels_last: bool, malloc_tuning: bool,
-            steps: int) -> dict:
+def measure(model_name: str, batch: int, size: int, channels_last: bool, malloc_tuning: bool, steps: int) -> dict:
     import resource
     import time
 
@@ -37,19 +36,23 @@ def measure(model_name: str, batch: int, size: int, channels_last: bool, malloc_
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
     results = {}
     for mode in ("forward", "forward+backward"):
-        def step() -> None:
+
+        def step(mode: str = mode) -> None:
             if mode == "forward":
                 with torch.no_grad():
                     model.eval()(images)
             else:
                 model.train()(images).sum().backward()
+
         step()  # warm-up
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         for _ in range(steps):
             step()
         elapsed, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
-        results[mode] = {"images_per_s": steps * batch / elapsed,
-                         "sys_over_user": (after.ru_stime - before.ru_stime) / max(1e-9, after.ru_utime - before.ru_utime)}
+        results[mode] = {
+            "images_per_s": steps * batch / elapsed,
+            "sys_over_user": (after.ru_stime - before.ru_stime) / max(1e-9, after.ru_utime - before.ru_utime),
+        }
     return results
 
 
@@ -67,20 +70,37 @@ def main() -> None:
         return
     rows = []
     for name, channels_last, malloc_tuning in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-                              "--size", str(args.size), "--steps", str(args.steps),
-                              "--child", json.dumps([channels_last, malloc_tuning])],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--size",
+                str(args.size),
+                "--steps",
+                str(args.steps),
+                "--child",
+                json.dumps([channels_last, malloc_tuning]),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows.append((name, json.loads(out.strip().splitlines()[-1])))
     base = rows[0][1]
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.steps} steps per cell\n")
-    print(f"| configuration | forward img/s | x | fwd+bwd img/s | x | fwd+bwd sys/user time |")
+    print("| configuration | forward img/s | x | fwd+bwd img/s | x | fwd+bwd sys/user time |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, result in rows:
         f, fb = result["forward"], result["forward+backward"]
-        print(f"| {name} | {f['images_per_s']:.1f} | {f['images_per_s'] / base['forward']['images_per_s']:.2f} "
-              f"| {fb['images_per_s']:.1f} | {fb['images_per_s'] / base['forward+backward']['images_per_s']:.2f} "
-              f"| {fb['sys_over_user']:.2f} |")
+        print(
+            f"| {name} | {f['images_per_s']:.1f} | {f['images_per_s'] / base['forward']['images_per_s']:.2f} "
+            f"| {fb['images_per_s']:.1f} | {fb['images_per_s'] / base['forward+backward']['images_per_s']:.2f} "
+            f"| {fb['sys_over_user']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def images_per_second(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int, repeats: int) -> float:
-    batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)][: max(1, 64 // batch)]
+    batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)][: max(1, 64 // batch)]
     for chunk in batches[:2]:  # warm-up
         run(chunk)
     timings = []
@@ -45,22 +45,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both runtimes (default: all)")
     args = parser.parse_args()
 
-    done = subprocess.run([sys.executable, str(ROOT / "export.py"), f"ckpt={args.ckpt}", "formats=[onnx]",
-                           "quantize=int8", f"hydra.run.dir={args.out}"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "export.py"),
+            f"ckpt={args.ckpt}",
+            "formats=[onnx]",
+            "quantize=int8",
+            f"hydra.run.dir={args.out}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         sys.exit(f"export.py failed:\n{done.stderr[-3000:]}")
     report = json.loads((args.out / "quantization.json").read_text())
 
     import onnxruntime
+    from omegaconf import OmegaConf
 
     from transfer.data.images import load_rgb
     from transfer.inference.evaluate import evaluation_images
     from transfer.model.classifier import load_classifier
-    from omegaconf import OmegaConf
 
     classifier = load_classifier(args.ckpt, "cpu")
-    table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test",
-                                          classifier.task)
+    table, indices, _ = evaluation_images(
+        OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test", classifier.task
+    )
     images = np.stack([classifier.preprocess(load_rgb(table.paths[i])).numpy() for i in indices[:96]])
     images = np.concatenate([images] * -(-96 // len(images)))[:96]  # timing needs 64 images: repeat a small split
     threads = args.threads or torch.get_num_threads()
@@ -77,22 +88,33 @@ def main() -> None:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda batch: session.run(None, {"image": batch})
 
-    runtimes = {"PyTorch eager (fp32)": (eager, report["fp32_acc"], None),
-                "ONNX Runtime fp32": (session_runner(args.out / "model.onnx"), report["fp32_acc"], report["fp32_bytes"]),
-                "ONNX Runtime INT8 (static)": (session_runner(args.out / "model.int8.onnx"), report["int8_acc"],
-                                               report["int8_bytes"])}
-    speeds = {name: {b: images_per_second(run, images, b, args.repeats) for b in (1, 32)}
-              for name, (run, _, _) in runtimes.items()}
+    runtimes = {
+        "PyTorch eager (fp32)": (eager, report["fp32_acc"], None),
+        "ONNX Runtime fp32": (session_runner(args.out / "model.onnx"), report["fp32_acc"], report["fp32_bytes"]),
+        "ONNX Runtime INT8 (static)": (
+            session_runner(args.out / "model.int8.onnx"),
+            report["int8_acc"],
+            report["int8_bytes"],
+        ),
+    }
+    speeds = {
+        name: {b: images_per_second(run, images, b, args.repeats) for b in (1, 32)}
+        for name, (run, _, _) in runtimes.items()
+    }
     base = speeds["PyTorch eager (fp32)"]
     print(f"Checkpoint {args.ckpt}; {report['images']} test images for accuracy, {threads} threads\n")
     print("| runtime | img/s batch 1 | img/s batch 32 | vs eager (batch 1 / 32) | test acc | file MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (_, accuracy, size) in runtimes.items():
         s = speeds[name]
-        print(f"| {name} | {s[1]:.1f} | {s[32]:.1f} | {s[1] / base[1]:.2f}x / {s[32] / base[32]:.2f}x | "
-              f"{100 * accuracy:.2f}% | {'' if size is None else f'{size / 1e6:.1f}'} |")
-    print(f"\nINT8 - fp32 test accuracy: {100 * report['acc_delta']:+.2f} points; the two agree on "
-          f"{100 * report['agreement']:.2f}% of the test images. Files: {args.out}")
+        print(
+            f"| {name} | {s[1]:.1f} | {s[32]:.1f} | {s[1] / base[1]:.2f}x / {s[32] / base[32]:.2f}x | "
+            f"{100 * accuracy:.2f}% | {'' if size is None else f'{size / 1e6:.1f}'} |"
+        )
+    print(
+        f"\nINT8 - fp32 test accuracy: {100 * report['acc_delta']:+.2f} points; the two agree on "
+        f"{100 * report['agreement']:.2f}% of the test images. Files: {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ from panel_data import BUILDERS  # noqa: E402
 @dataclass(frozen=True)
 class PanelDataset:
     name: str
-    data: list[str]                               # the overrides that name the dataset
+    data: list[str]  # the overrides that name the dataset
     hand: list[list[str]] = field(default_factory=list)  # hand-chosen alternatives
-    build: str | None = None                      # a panel_data builder for a folder dataset
+    build: str | None = None  # a panel_data builder for a folder dataset
     # Training seeds averaged per setting: a 180-image test set moves 0.56 points per image, and on 20
     # training images one seed's draw of the validation images and dropout masks moves several.
     seeds: tuple[int, ...] = (42,)
@@ -70,18 +70,29 @@ PANEL = [
     PanelDataset("elpv_defective", ["data=elpv"], [EMA, MIXUP, LR_FIND, LITE1, LITE2]),
     PanelDataset("elpv_defective_5min", ["data=elpv", "budget.minutes=5"]),  # the default within 5 minutes
     # Severity: grades as ordinal, and the two treatments of its imbalance (rarest class under 10%).
-    PanelDataset("elpv_severity", ["data=elpv_severity"],
-                 [["task=ordinal"], ["task.class_weights=balanced"], ["data.sampler=balanced"]], ordered=True),
+    PanelDataset(
+        "elpv_severity",
+        ["data=elpv_severity"],
+        [["task=ordinal"], ["task.class_weights=balanced"], ["data.sampler=balanced"]],
+        ordered=True,
+    ),
     PanelDataset("elpv_cell_type", ["data=elpv_cell_type"]),
     # The defect probability regressed and thresholded at 0.5 (Deitsch et al. 2019's formulation), on
     # elpv_defective's split; ELPV as two tags per cell (defective, poly).
-    PanelDataset("elpv_probability", ["data=elpv_probability", "task=regression", "task.threshold=0.5"],
-                 metrics=("mae", "rmse", "r2", "acc", "f1", "auroc")),
+    PanelDataset(
+        "elpv_probability",
+        ["data=elpv_probability", "task=regression", "task.threshold=0.5"],
+        metrics=("mae", "rmse", "r2", "acc", "f1", "auroc"),
+    ),
     PanelDataset("elpv_tags", ["data=elpv_tags", "task=multilabel"], metrics=("map", "map_micro", "f1", "f1_micro")),
     PanelDataset("characters", ["data=folder"], [["augment=none"], MIXUP, LR_FIND], build="characters"),
-    PanelDataset("faces_few", ["data=folder"], [["augment=none"], ["augment=standard"], MIXUP, LR_FIND],
-                 build="faces_few",
-                 seeds=(42, 43, 44, 45, 46)),
+    PanelDataset(
+        "faces_few",
+        ["data=folder"],
+        [["augment=none"], ["augment=standard"], MIXUP, LR_FIND],
+        build="faces_few",
+        seeds=(42, 43, 44, 45, 46),
+    ),
 ]
 
 
@@ -97,8 +108,18 @@ def dataset_overrides(spec: PanelDataset, workdir: Path) -> list[str]:
 def train_run(overrides: list[str], run_dir: Path) -> dict:
     """``python train.py`` in a process of its own; its results.json and wall-clock minutes."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
-                           "trainer.enable_progress_bar=false"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"train.py {' '.join(overrides)} failed:\n{done.stderr[-3000:]}")
     results = json.loads((run_dir / "results.json").read_text())
@@ -111,12 +132,15 @@ def train_seeds(overrides: list[str], run_dir: Path, seeds: tuple[int, ...]) -> 
     ``acc_sd`` their standard deviation; the first run's results otherwise (its augmentation choice)."""
     if len(seeds) == 1:
         return {**train_run([*overrides, f"seed={seeds[0]}"], run_dir), "acc_sd": None}
-    runs = [train_run([*overrides, f"seed={seed}"], run_dir.with_name(f"{run_dir.name}-seed{seed}"))
-            for seed in seeds]
+    runs = [train_run([*overrides, f"seed={seed}"], run_dir.with_name(f"{run_dir.name}-seed{seed}")) for seed in seeds]
     accs = [r["test"]["acc"] for r in runs]
-    return {**runs[0], "test": {"acc": float(np.mean(accs)), "f1": float(np.mean([r["test"]["f1"] for r in runs]))},
-            "acc_sd": float(np.std(accs, ddof=1)), "minutes": float(np.mean([r["minutes"] for r in runs])),
-            "seed_accs": accs}
+    return {
+        **runs[0],
+        "test": {"acc": float(np.mean(accs)), "f1": float(np.mean([r["test"]["f1"] for r in runs]))},
+        "acc_sd": float(np.std(accs, ddof=1)),
+        "minutes": float(np.mean([r["minutes"] for r in runs])),
+        "seed_accs": accs,
+    }
 
 
 def grade_metrics(confusion: list[list[int]]) -> dict[str, float]:
@@ -126,10 +150,13 @@ def grade_metrics(confusion: list[list[int]]) -> dict[str, float]:
     n = matrix.sum()
     grades = np.arange(len(matrix))
     distance = np.abs(grades[:, None] - grades[None, :])
-    weights = distance ** 2 / (len(matrix) - 1) ** 2
+    weights = distance**2 / (len(matrix) - 1) ** 2
     expected = np.outer(matrix.sum(axis=1), matrix.sum(axis=0)) / n
-    return {"acc": float(np.trace(matrix) / n), "mae": float((matrix * distance).sum() / n),
-            "qwk": float(1 - (weights * matrix).sum() / (weights * expected).sum())}
+    return {
+        "acc": float(np.trace(matrix) / n),
+        "mae": float((matrix * distance).sum() / n),
+        "qwk": float(1 - (weights * matrix).sum() / (weights * expected).sum()),
+    }
 
 
 def accuracy(results: dict) -> str:
@@ -156,8 +183,15 @@ def pixel_baseline(overrides: list[str], size: int = 32) -> tuple[float, str]:
     splits = split_indices(table.labels, cfg.data.split.test, cfg.data.split.val, cfg.seed, table.splits)
 
     def pixels(rows: np.ndarray) -> np.ndarray:
-        return np.stack([np.asarray(Image.open(table.paths[i]).convert("L").resize((size, size), Image.BILINEAR),
-                                    dtype=np.float32).ravel() / 255.0 for i in rows])
+        return np.stack(
+            [
+                np.asarray(
+                    Image.open(table.paths[i]).convert("L").resize((size, size), Image.BILINEAR), dtype=np.float32
+                ).ravel()
+                / 255.0
+                for i in rows
+            ]
+        )
 
     train = np.concatenate([splits["train"], splits["val"]])
     train_pixels, test_pixels = pixels(train), pixels(splits["test"])
@@ -178,12 +212,18 @@ def describe(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=[spec.name for spec in PANEL],
-                        choices=[spec.name for spec in PANEL])
+    parser.add_argument(
+        "--datasets", nargs="+", default=[spec.name for spec in PANEL], choices=[spec.name for spec in PANEL]
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "panel" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     parser.add_argument("--no-hand", action="store_true", help="skip the hand-chosen alternatives")
-    parser.add_argument("--hand-only", nargs="+", default=None, metavar="TEXT",
-                        help="run only the hand-chosen alternatives whose overrides contain one of these")
+    parser.add_argument(
+        "--hand-only",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="run only the hand-chosen alternatives whose overrides contain one of these",
+    )
     parser.add_argument("--max-seeds", type=int, default=None, help="at most this many seeds per dataset")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (after --)")
     args = parser.parse_args()
@@ -194,7 +234,7 @@ def main() -> None:
     for spec in [s for s in PANEL if s.name in args.datasets]:
         data = dataset_overrides(spec, args.workdir)
         runs = args.workdir / "runs"
-        seeds = spec.seeds[:args.max_seeds]
+        seeds = spec.seeds[: args.max_seeds]
         if spec.metrics:
             results = train_run([*data, *args.overrides, f"seed={seeds[0]}"], runs / f"{spec.name}-default")
             others.append((spec, results))
@@ -216,17 +256,25 @@ def main() -> None:
                 best_hand, best_setting = hand, " ".join(setting)
         baseline, method = pixel_baseline([*data, *args.overrides])
         rows.append((spec.name, default, describe(default), best_hand, best_setting, baseline, method))
-        print(f"{spec.name}: default {accuracy(default)}; tried {alternatives or 'nothing else'}; "
-              f"pixels {baseline:.4f} ({method})", file=sys.stderr, flush=True)
+        print(
+            f"{spec.name}: default {accuracy(default)}; tried {alternatives or 'nothing else'}; "
+            f"pixels {baseline:.4f} ({method})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     if rows:
-        print("| dataset | default acc | default macro F1 | default min | default augmentation | best hand-chosen acc "
-              "| its setting | raw pixels acc | pixels model |")
+        print(
+            "| dataset | default acc | default macro F1 | default min | default augmentation | best hand-chosen acc "
+            "| its setting | raw pixels acc | pixels model |"
+        )
         print("| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | --- |")
     for name, default, chosen, hand, setting, baseline, method in rows:
-        print(f"| {name} | {accuracy(default)} | {default['test']['f1']:.3f} | "
-              f"{default['minutes']:.1f} | {chosen} | {accuracy(hand)} | {setting} | "
-              f"{100 * baseline:.2f}% | {method} |")
+        print(
+            f"| {name} | {accuracy(default)} | {default['test']['f1']:.3f} | "
+            f"{default['minutes']:.1f} | {chosen} | {accuracy(hand)} | {setting} | "
+            f"{100 * baseline:.2f}% | {method} |"
+        )
     if grades:
         print("\n| dataset (ordered classes) | setting | acc | MAE in classes | quadratic weighted kappa |")
         print("| --- | --- | ---: | ---: | ---: |")

@@ -16,15 +16,14 @@ carves its validation images from ``train/``; the scikit-learn baseline trains o
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 
-def write_tree(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
-               splits: np.ndarray) -> Path:
+def write_tree(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str], splits: np.ndarray) -> Path:
     """``root/<split>/<class>/<index>.png`` for uint8 grayscale ``images`` (N, H, W)."""
     for index, (image, label, split) in enumerate(zip(images, labels, splits)):
         folder = root / split / class_names[label]
@@ -40,8 +39,7 @@ def characters(root: Path, size: int = 64, seed: int = 0) -> Path:
     digits = load_digits()
     pixels = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
     images = np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels])
-    train, _ = train_test_split(np.arange(len(images)), test_size=0.25, random_state=seed,
-                                stratify=digits.target)
+    train, _ = train_test_split(np.arange(len(images)), test_size=0.25, random_state=seed, stratify=digits.target)
     splits = np.where(np.isin(np.arange(len(images)), train), "train", "test")
     return write_tree(root, images, digits.target, [str(d) for d in range(10)], splits)
 

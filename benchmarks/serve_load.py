@@ -56,9 +56,20 @@ def post(url: str, body: bytes) -> tuple[int, float]:
 
 def start_server(ckpt: str, max_batch_size: int, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"ckpt={ckpt}", f"port={port}",
-                                f"max_batch_size={max_batch_size}", f"hydra.run.dir={workdir}", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "serve.py"),
+            f"ckpt={ckpt}",
+            f"port={port}",
+            f"max_batch_size={max_batch_size}",
+            f"hydra.run.dir={workdir}",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -72,7 +83,6 @@ def start_server(ckpt: str, max_batch_size: int, workdir: Path, extra: list[str]
             break
     stop_server_process(process)
     sys.exit(f"serve.py did not come up (max_batch_size={max_batch_size}).")
-
 
 
 def load(url: str, bodies: list[bytes], clients: int, requests: int) -> dict[str, float]:
@@ -98,9 +108,14 @@ def load(url: str, bodies: list[bytes], clients: int, requests: int) -> dict[str
     seconds = time.perf_counter() - started
     latencies = np.array([latency for status, latency in results if status == 200]) * 1000
     answered = int(sum(status == 200 for status, _ in results))
-    return {"sent": requests, "answered": answered, "failed": len(results) - answered,
-            "lost": requests - len(results), "throughput": answered / seconds,
-            **{f"p{q}": float(np.percentile(latencies, q)) if len(latencies) else float("nan") for q in (50, 95, 99)}}
+    return {
+        "sent": requests,
+        "answered": answered,
+        "failed": len(results) - answered,
+        "lost": requests - len(results),
+        "throughput": answered / seconds,
+        **{f"p{q}": float(np.percentile(latencies, q)) if len(latencies) else float("nan") for q in (50, 95, 99)},
+    }
 
 
 def screenshot(url: str, image: Path, path: Path) -> None:
@@ -125,7 +140,9 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "serve_load" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    parser.add_argument(
+        "--workdir", type=Path, default=ROOT / "outputs" / "serve_load" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
     parser.add_argument("--screenshot", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="extra serve.py overrides (after --)")
     args = parser.parse_args()
@@ -136,8 +153,9 @@ def main() -> None:
     from transfer.model.classifier import load_classifier
 
     task = load_classifier(args.ckpt, "cpu").task
-    table, indices, _ = evaluation_images(OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test",
-                                          task)
+    table, indices, _ = evaluation_images(
+        OmegaConf.create({"ckpt": args.ckpt, "data": None, "seed": None}), "test", task
+    )
     images = [Path(table.paths[i]) for i in indices[:32]]
     bodies = [json.dumps({"image": base64.b64encode(p.read_bytes()).decode("ascii")}).encode() for p in images]
 
@@ -158,8 +176,10 @@ def main() -> None:
     print("| batching | clients | sent | answered | failed | req/s | p50 ms | p95 ms | p99 ms |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, clients, r in rows:
-        print(f"| {label} | {clients} | {r['sent']} | {r['answered']} | {r['failed'] + r['lost']} | "
-              f"{r['throughput']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} |")
+        print(
+            f"| {label} | {clients} | {r['sent']} | {r['answered']} | {r['failed'] + r['lost']} | "
+            f"{r['throughput']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

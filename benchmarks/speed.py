@@ -31,10 +31,18 @@ STAGES = [("head only", 0), ("partial", None), ("full", "all")]  # None: --unfre
 def compose(args: argparse.Namespace, unfreeze: int | str, extra: list[str] = ()) -> Any:
     from transfer.config.compose import compose as compose_config
 
-    overrides = [f"trainer={args.trainer}", "schedule=head_only", f"schedule.stages.0.unfreeze={unfreeze}",
-                 f"data.batch_size={args.batch}", f"input.size={args.size}", "logger=csv",
-                 "runtime.image_check=false", "schedule.min_steps=0",
-                 *([f"data.num_workers={args.workers}"] if args.workers is not None else []), *extra]
+    overrides = [
+        f"trainer={args.trainer}",
+        "schedule=head_only",
+        f"schedule.stages.0.unfreeze={unfreeze}",
+        f"data.batch_size={args.batch}",
+        f"input.size={args.size}",
+        "logger=csv",
+        "runtime.image_check=false",
+        "schedule.min_steps=0",
+        *([f"data.num_workers={args.workers}"] if args.workers is not None else []),
+        *extra,
+    ]
     if args.model != "tf_efficientnet_lite0":
         overrides += ["backbone=timm", f"backbone.name={args.model}", "backbone.weights=none"]  # speed only
     return compose_config("train", overrides, output_dir=tempfile.mkdtemp(prefix="speed-"))
@@ -98,9 +106,16 @@ def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str]
             cfg.paths.output_dir = run_dir
         module, datamodule = setup(cfg)
         timer = StepTimer()
-        trainer = instantiate(cfg.trainer, max_epochs=1, limit_train_batches=args.warmup + args.steps,
-                              limit_val_batches=0, enable_checkpointing=False, logger=instantiate_named(cfg, "logger"),
-                              callbacks=[timer], default_root_dir=run_dir)
+        trainer = instantiate(
+            cfg.trainer,
+            max_epochs=1,
+            limit_train_batches=args.warmup + args.steps,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            logger=instantiate_named(cfg, "logger"),
+            callbacks=[timer],
+            default_root_dir=run_dir,
+        )
         trainer.fit(module, datamodule=datamodule)
     return {"images_per_s": timer.batches * args.batch / (timer.finished - timer.started), **peak_memory()}
 
@@ -130,8 +145,15 @@ def cached_cell(args: argparse.Namespace) -> dict[str, float]:
     extraction = time.perf_counter() - started
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = instantiate(cfg.trainer, max_epochs=4, limit_val_batches=0, enable_checkpointing=False,
-                              logger=False, callbacks=[timer], default_root_dir=run_dir)
+        trainer = instantiate(
+            cfg.trainer,
+            max_epochs=4,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            logger=False,
+            callbacks=[timer],
+            default_root_dir=run_dir,
+        )
         trainer.fit(module, datamodule=features)
     later = sorted(timer.seconds[1:])[len(timer.seconds[1:]) // 2]  # median epoch after the first
     images_per_epoch = len(features.cached["train"]) // args.batch * args.batch
@@ -155,9 +177,15 @@ def plain_cell(args: argparse.Namespace, unfreeze: int | str) -> dict[str, float
     model.train()
     freeze_frozen_modules(model, norm_layers_too=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loader = DataLoader(datamodule.dataset("train"), batch_size=args.batch, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        datamodule.dataset("train"),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = iter(loader)
     for step in range(args.warmup + args.steps):
@@ -247,9 +275,12 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     workers = args.workers if args.workers is not None else OmegaConf.load(ROOT / "conf/data/base.yaml").num_workers
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.steps} timed batches per cell "
-          f"after {args.warmup} warm-up, trainer={args.trainer}, {os.cpu_count()} CPUs, "
-          f"{workers} DataLoader worker(s){', torch.compile' if args.compile else ''}\n", flush=True)
+    print(
+        f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.steps} timed batches per cell "
+        f"after {args.warmup} warm-up, trainer={args.trainer}, {os.cpu_count()} CPUs, "
+        f"{workers} DataLoader worker(s){', torch.compile' if args.compile else ''}\n",
+        flush=True,
+    )
     rows: list[tuple[str, dict, dict | None, dict | None]] = []  # name, toolkit, plain, compiled
     for name, cell_workers in ((f"data pipeline, {workers} worker(s)", workers), ("data pipeline, main process", 0)):
         rows.append((name, run_cell(args, ["data", cell_workers]), None, None))
@@ -263,16 +294,25 @@ def main() -> None:
     uncached = run_cell(args, ["toolkit-noaug", 0])
     cached = run_cell(args, ["cached", 0])
     rows.append(("head only, augment=none", uncached, None, None))
-    rows.append((f"head only, augment=none, feature cache (one-off extraction {cached['extraction_s']:.0f}s)",
-                 cached, None, None))
+    rows.append(
+        (
+            f"head only, augment=none, feature cache (one-off extraction {cached['extraction_s']:.0f}s)",
+            cached,
+            None,
+            None,
+        )
+    )
     print_table(rows, "peak_cuda_mb" if args.trainer == "gpu" else "peak_rss_mb", args.compile)
     print()
     print(f"head only / full (toolkit): {stage_speed['head only'] / stage_speed['full']:.2f}x")
-    print(f"feature cache / no cache (head only, augment=none): "
-          f"{cached['images_per_s'] / uncached['images_per_s']:.1f}x")
+    print(
+        f"feature cache / no cache (head only, augment=none): {cached['images_per_s'] / uncached['images_per_s']:.1f}x"
+    )
     fastest = max(stage_speed.values())
-    print(f"data pipeline ({workers} worker(s)) / fastest stage's consumption: "
-          f"{rows[0][1]['images_per_s'] / fastest:.2f}x")
+    print(
+        f"data pipeline ({workers} worker(s)) / fastest stage's consumption: "
+        f"{rows[0][1]['images_per_s'] / fastest:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,19 @@ CONF_DIR = str(ROOT / "conf")
 
 # Short, small runs: a tiny timm model at 32 px, two 1-epoch stages, no worker processes.
 FAST = [
-    "backbone=timm", "backbone.name=test_resnet", "backbone.weights=none",
-    "input.size=32", "augment=light", "data.num_workers=0", "data.batch_size=8",
-    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.stages.1.unfreeze=1",
+    "backbone=timm",
+    "backbone.name=test_resnet",
+    "backbone.weights=none",
+    "input.size=32",
+    "augment=light",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "schedule.stages.0.epochs=1",
+    "schedule.stages.1.epochs=1",
+    "schedule.stages.1.unfreeze=1",
     "schedule.min_steps=0",
-    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
 ]
 
 
@@ -55,8 +63,9 @@ def make_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def write_image_folder(root: Path, per_class: int = 12, size: int = 40, classes: tuple[str, ...] = ("cat", "dog"),
-                       seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path, per_class: int = 12, size: int = 40, classes: tuple[str, ...] = ("cat", "dog"), seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -89,16 +98,30 @@ def write_tagged_images(root: Path, count: int = 48, seed: int = 0) -> Path:
 def train_on_tagged_images(tmp_path: Path, label_column: str, *task: str) -> dict[str, Any]:
     """A short run of ``task`` on `write_tagged_images` (its ``label_column``), trained from scratch."""
     labels = write_tagged_images(tmp_path / "images")
-    results = train_run([*FAST, "data=csv", f"data.csv={labels}", f"data.source.label_column={label_column}",
-                         *task, "augment=none", "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
-                         "schedule.stages.0.unfreeze=all"], tmp_path / "run")
+    results = train_run(
+        [
+            *FAST,
+            "data=csv",
+            f"data.csv={labels}",
+            f"data.source.label_column={label_column}",
+            *task,
+            "augment=none",
+            "schedule.stages.0.epochs=3",
+            "schedule.stages.0.lr=0.01",
+            "schedule.stages.0.unfreeze=all",
+        ],
+        tmp_path / "run",
+    )
     return {"labels": labels, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
 
 
 def options(group: str) -> list[str]:
     """The options of a config group (its YAML files), as ``group=<option>`` names them."""
-    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")
-                  if not (group == "trainer" and p.stem == "default") and not (group == "data" and p.stem == "base"))
+    return sorted(
+        p.stem
+        for p in (Path(CONF_DIR) / group).glob("*.yaml")
+        if not (group == "trainer" and p.stem == "default") and not (group == "data" and p.stem == "base")
+    )
 
 
 def train_config(cfg: DictConfig) -> dict[str, Any]:

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.fixtures import train_run, FAST, ROOT, command_config, compose_config, write_image_folder
+from tests.fixtures import FAST, ROOT, command_config, train_run, write_image_folder
 from transfer.errors import DataError, TransferError
 from transfer.inference.evaluate import evaluate
 from transfer.inference.explain import explain_files
 from transfer.inference.export import export
-from transfer.model.classifier import load_classifier
 from transfer.inference.predict import predict
 from transfer.inference.saliency import grad_cam, gradient_map
+from transfer.model.classifier import load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,10 @@ def trained(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("trained")
     images = write_image_folder(tmp_path / "images", per_class=24, size=48)
     run_dir = tmp_path / "run"
-    results = train_run([*FAST, "data=folder", f"data.root={images}", "schedule.stages.0.epochs=2",
-                                    "schedule.stages.1.epochs=2"], run_dir)
+    results = train_run(
+        [*FAST, "data=folder", f"data.root={images}", "schedule.stages.0.epochs=2", "schedule.stages.1.epochs=2"],
+        run_dir,
+    )
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
 
 
@@ -69,8 +71,9 @@ def test_evaluate_reproduces_the_runs_test_metrics_and_writes_the_report(trained
 
 def test_evaluate_other_data_needs_the_models_classes(trained, tmp_path: Path) -> None:
     other = write_image_folder(tmp_path / "other", per_class=3, classes=("cat", "dog", "bird"))
-    cfg = command_config("evaluate", tmp_path / "eval", [f"ckpt={trained['ckpt']}", "data=folder",
-                                                          f"data.root={other}", "split=all"])
+    cfg = command_config(
+        "evaluate", tmp_path / "eval", [f"ckpt={trained['ckpt']}", "data=folder", f"data.root={other}", "split=all"]
+    )
     with pytest.raises(TransferError, match=r"\['bird'\]"):
         evaluate(cfg)
     shutil.rmtree(other / "bird")
@@ -84,8 +87,9 @@ def test_predict_writes_probabilities_and_lists_unreadable_files(trained, tmp_pa
     (inputs / "empty.jpg").write_bytes(b"")
     (inputs / "notes.jpg").write_text("not an image")
     (inputs / "readme.txt").write_text("ignored: not an image extension")
-    summary = predict(command_config("predict", tmp_path / "pred", [f"ckpt={trained['ckpt']}",
-                                                                     f"inputs={inputs}", "tta=flips"]))
+    summary = predict(
+        command_config("predict", tmp_path / "pred", [f"ckpt={trained['ckpt']}", f"inputs={inputs}", "tta=flips"])
+    )
     rows = read_csv(tmp_path / "pred" / "predictions.csv")
     assert summary["files"] == 26 and summary["predicted"] == len(rows) == 24 and summary["unreadable"] == 2
     for row in rows:
@@ -112,8 +116,9 @@ def test_flip_tta_averages_the_views_and_is_flip_invariant(trained) -> None:
     with torch.no_grad():
         manual = (classifier.model(images).softmax(-1) + classifier.model(images.flip(-1)).softmax(-1)) / 2
     torch.testing.assert_close(classifier.probabilities(images, "hflip"), manual)
-    torch.testing.assert_close(classifier.probabilities(images, "flips"),
-                               classifier.probabilities(images.flip(-1).flip(-2), "flips"))
+    torch.testing.assert_close(
+        classifier.probabilities(images, "flips"), classifier.probabilities(images.flip(-1).flip(-2), "flips")
+    )
 
 
 def test_auto_tta_uses_the_symmetries_the_model_was_trained_with(trained) -> None:
@@ -129,8 +134,11 @@ def test_auto_tta_uses_the_symmetries_the_model_was_trained_with(trained) -> Non
     classifier.symmetries = []  # a model of characters: no view but the image itself
     torch.testing.assert_close(classifier.probabilities(images, "auto"), classifier.probabilities(images, "none"))
 
-    assert symmetries_of([{"_target_": "albumentations.SquareSymmetry"}, {"_target_": "albumentations.Affine"}]) \
-        == ["hflip", "vflip", "rot90"]
+    assert symmetries_of([{"_target_": "albumentations.SquareSymmetry"}, {"_target_": "albumentations.Affine"}]) == [
+        "hflip",
+        "vflip",
+        "rot90",
+    ]
     assert symmetries_of([{"_target_": "albumentations.VerticalFlip"}]) == ["vflip"]
     assert symmetries_of(None) == []
     # Solar cells: the image, both flips, the half turn and both quarter turns.
@@ -148,7 +156,8 @@ def test_gradient_saliency_is_the_score_gradient() -> None:
     saliency, target = gradient_map(model, image)
     assert saliency.shape == (32, 32) and saliency.min() == 0 and saliency.max() == 1
     # finite differences at the most and least salient pixels agree with the map's ordering
-    score = lambda x: model(x.unsqueeze(0))[0, target].item()  # noqa: E731
+    score = lambda x: model(x.unsqueeze(0))[0, target].item()
+
     def sensitivity(y: int, x: int) -> float:
         bumped = image.clone()
         steps = []
@@ -157,6 +166,7 @@ def test_gradient_saliency_is_the_score_gradient() -> None:
             bumped[channel, y, x] += 1e-6
             steps.append(abs(score(bumped) - score(image)) / 1e-6)
         return max(steps)
+
     top = np.unravel_index(saliency.argmax(), saliency.shape)
     low = np.unravel_index(saliency.argmin(), saliency.shape)
     assert sensitivity(*top) > 10 * sensitivity(*low)
@@ -188,8 +198,13 @@ def test_grad_cam_refuses_transformers() -> None:
 
 
 def test_explain_writes_one_panel_per_image(trained, tmp_path: Path) -> None:
-    summary = explain_files(command_config("explain", tmp_path / "explain", [
-        f"ckpt={trained['ckpt']}", f"inputs={trained['images'] / 'cat'}", "max_images=3", "target=dog"]))
+    summary = explain_files(
+        command_config(
+            "explain",
+            tmp_path / "explain",
+            [f"ckpt={trained['ckpt']}", f"inputs={trained['images'] / 'cat'}", "max_images=3", "target=dog"],
+        )
+    )
     rows = read_csv(tmp_path / "explain" / "explanations.csv")
     assert summary["panels"] == len(rows) == 3
     assert {r["explained_class"] for r in rows} == {"dog"}
@@ -203,11 +218,12 @@ def reference_preprocess(path: Path, spec: dict) -> np.ndarray:
     height, width = rgb.shape[:2]
     scale = spec["resize_shorter_side_to"] / min(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = cv2.resize(rgb, size, interpolation={"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[
-        spec["interpolation"]])
+    resized = cv2.resize(
+        rgb, size, interpolation={"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[spec["interpolation"]]
+    )
     crop_h, crop_w = spec["center_crop"]
     top, left = (resized.shape[0] - crop_h) // 2, (resized.shape[1] - crop_w) // 2
-    crop = resized[top:top + crop_h, left:left + crop_w].astype(np.float32) / 255.0
+    crop = resized[top : top + crop_h, left : left + crop_w].astype(np.float32) / 255.0
     normalised = (crop - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
     return normalised.transpose(2, 0, 1)
 
@@ -229,8 +245,9 @@ def test_export_passes_parity_and_predicts_right_outside_the_toolkit(trained, tm
     logits = session.run(None, {spec["input_name"]: batch})[0]
     outside = torch.from_numpy(logits).softmax(-1)
     classifier = load_classifier(trained["ckpt"])
-    inside = classifier.probabilities(torch.stack([classifier.preprocess(np.asarray(Image.open(p).convert("RGB")))
-                                                   for p in paths]))
+    inside = classifier.probabilities(
+        torch.stack([classifier.preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in paths])
+    )
     torch.testing.assert_close(outside, inside, atol=1e-5, rtol=1e-4)
     scripted = torch.jit.load(str(out / "model.torchscript.pt"))
     torch.testing.assert_close(scripted(torch.from_numpy(batch)).softmax(-1), inside, atol=1e-5, rtol=1e-4)
@@ -242,8 +259,11 @@ def test_int8_export_is_quantized_and_compared_with_fp32_on_the_test_split(train
     import onnxruntime
 
     out = tmp_path / mode
-    report = export(command_config("export", out, [f"ckpt={trained['ckpt']}", "formats=[onnx]", f"quantize={mode}",
-                                                   "calibration_images=16"]))["quantization"]
+    report = export(
+        command_config(
+            "export", out, [f"ckpt={trained['ckpt']}", "formats=[onnx]", f"quantize={mode}", "calibration_images=16"]
+        )
+    )["quantization"]
     assert report["mode"] == ("static" if mode == "int8" else "dynamic")
     assert report["calibration_images"] == (16 if mode == "int8" else 0)
     assert report["images"] == sum(trained["results"]["split_counts"]["test"].values())
@@ -271,32 +291,70 @@ def test_timm_loads_the_exported_classifier_and_training_continues_from_it(train
     # Outside the toolkit: timm alone builds the fine-tuned classifier, with the same logits.
     model = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
     classifier = load_classifier(trained["ckpt"])
-    images = torch.stack([classifier.preprocess(np.asarray(Image.open(p).convert("RGB")))
-                          for p in sorted((trained["images"] / "cat").glob("*.png"))[:6]])
+    images = torch.stack(
+        [
+            classifier.preprocess(np.asarray(Image.open(p).convert("RGB")))
+            for p in sorted((trained["images"] / "cat").glob("*.png"))[:6]
+        ]
+    )
     with torch.inference_mode():
         difference = (model(images) - classifier.model(images)).abs().max().item()
     assert difference <= 1e-5
     # ... and fine-tuning continues from it: the same classes keep its head.
-    results = train_run([*FAST, "data=folder", f"data.root={trained['images']}", "augment=none",
-                                    f"backbone.weights=local-dir:{out / 'timm'}"],
-                                   tmp_path / "continued")
+    results = train_run(
+        [
+            *FAST,
+            "data=folder",
+            f"data.root={trained['images']}",
+            "augment=none",
+            f"backbone.weights=local-dir:{out / 'timm'}",
+        ],
+        tmp_path / "continued",
+    )
     assert results["stages"][0]["best_val/acc"] >= 0.9  # starts from a trained classifier, not from scratch
     with pytest.raises(Exception, match="holds a 'test_resnet'"):  # Hydra wraps the TransferError
-        train_run([*FAST, "data=folder", f"data.root={trained['images']}", "backbone.name=test_vit",
-                              f"backbone.weights=local-dir:{out / 'timm'}"],
-                             tmp_path / "wrong")
+        train_run(
+            [
+                *FAST,
+                "data=folder",
+                f"data.root={trained['images']}",
+                "backbone.name=test_vit",
+                f"backbone.weights=local-dir:{out / 'timm'}",
+            ],
+            tmp_path / "wrong",
+        )
 
 
 @pytest.mark.slow
 def test_commands_run_from_the_command_line(trained, tmp_path: Path) -> None:
     for script, extra in (("evaluate.py", []), ("predict.py", [f"inputs={trained['images'] / 'cat'}"])):
-        done = subprocess.run([sys.executable, str(ROOT / script), f"ckpt={trained['ckpt']}", *extra,
-                               f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / script),
+                f"ckpt={trained['ckpt']}",
+                *extra,
+                f"paths.log_dir={tmp_path / 'logs'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "logs" / "evaluations").iterdir())) == 1
     assert len(list((tmp_path / "logs" / "predictions").iterdir())) == 1
-    done = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"ckpt={tmp_path / 'nope.ckpt'}", "inputs=.",
-                           f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "predict.py"),
+            f"ckpt={tmp_path / 'nope.ckpt'}",
+            "inputs=.",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "does not exist" in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
 
@@ -305,8 +363,9 @@ def test_the_runs_own_test_can_average_test_time_views_as_evaluate_does(tmp_path
     images = write_image_folder(tmp_path / "images", per_class=12, size=48)
     results = train_run([*FAST, "data=folder", f"data.root={images}", "tta=flips"], tmp_path / "run")
     assert results["tta"] == "flips"
-    report = evaluate(command_config("evaluate", tmp_path / "eval", [f"ckpt={results['best_checkpoint']['path']}",
-                                                                    "tta=flips"]))
+    report = evaluate(
+        command_config("evaluate", tmp_path / "eval", [f"ckpt={results['best_checkpoint']['path']}", "tta=flips"])
+    )
     for name in ("acc", "f1", "auroc"):
         assert report["metrics"][name] == pytest.approx(results["test"][name], abs=1e-6)
     assert report["confusion_matrix"] == results["confusion_matrix"]

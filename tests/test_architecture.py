@@ -96,8 +96,11 @@ def test_layers_import_only_downward(module: str) -> None:
 
 
 def test_the_run_calls_neither_cross_validation_nor_commands_after_training() -> None:
-    assert not {t for t in GRAPH["transfer.training.run"] | GRAPH["transfer.training.fit"]
-                | GRAPH["transfer.training.planner"] if t.startswith(("transfer.training.cv", "transfer.inference"))}
+    assert not {
+        t
+        for t in GRAPH["transfer.training.run"] | GRAPH["transfer.training.fit"] | GRAPH["transfer.training.planner"]
+        if t.startswith(("transfer.training.cv", "transfer.inference"))
+    }
 
 
 def test_at_most_ten_modules_directly_in_the_package() -> None:
@@ -111,10 +114,15 @@ def test_no_private_attribute_of_a_library_outside_the_compat_module() -> None:
         if path.name == "compat.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LIBRARIES:
-                if any(part.startswith("_") for part in node.module.split(".")):
-                    found.append(f"{path.name}:{node.lineno} from {node.module}")
-            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and node.attr != "_target_" and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+            parts = node.module.split(".") if isinstance(node, ast.ImportFrom) and node.module else []
+            if parts and parts[0] in LIBRARIES and any(part.startswith("_") for part in parts):
+                found.append(f"{path.name}:{node.lineno} from {node.module}")
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and node.attr != "_target_"
+                and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+            ):
                 found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
     assert found == []

@@ -23,9 +23,17 @@ from transfer.augment.probe import ProbeSettings, consistent_geometry, judge, pi
 from transfer.errors import TransferError
 
 PROBE_RUN = [
-    "data=folder", "input.size=64", "data.num_workers=0", "data.batch_size=16", "data.split.test=0.1",
-    "schedule=head_only", "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false",
-    "augment.probe.crop_scales=[0.5]", "augment.probe.folds=4",
+    "data=folder",
+    "input.size=64",
+    "data.num_workers=0",
+    "data.batch_size=16",
+    "data.split.test=0.1",
+    "schedule=head_only",
+    "schedule.stages.0.epochs=1",
+    "schedule.min_steps=0",
+    "trainer.enable_progress_bar=false",
+    "augment.probe.crop_scales=[0.5]",
+    "augment.probe.folds=4",
 ]
 
 
@@ -88,13 +96,13 @@ def test_probe_rejects_mirroring_when_it_changes_the_class(tmp_path: Path) -> No
     # config group option in the run directory that repeats the run without probing.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["augment"]["train"] == results["augment"]["train"]
-    assert json.loads((run_dir / "results.json").read_text())["augment"]["evidence"] == json.loads(
-        json.dumps(evidence))
+    assert json.loads((run_dir / "results.json").read_text())["augment"]["evidence"] == json.loads(json.dumps(evidence))
     chosen_file = yaml.safe_load((run_dir / "augment" / "chosen.yaml").read_text())
     assert chosen_file["train"] == results["augment"]["train"]
     # --config-dir RUN_DIR augment=chosen (here as Hydra's search path) repeats it without a probe.
-    repeat = compose_config([*PROBE_RUN[:-2], f"data.root={root}", f"hydra.searchpath=[file://{run_dir}]",
-                             "augment=chosen"])
+    repeat = compose_config(
+        [*PROBE_RUN[:-2], f"data.root={root}", f"hydra.searchpath=[file://{run_dir}]", "augment=chosen"]
+    )
     assert not repeat.augment.get("auto") and list(repeat.augment.train) == results["augment"]["train"]
 
 
@@ -131,24 +139,23 @@ def evidence_of(changes: dict[str, float]) -> dict:
         shifted = base.copy()
         moved = int(round(abs(change) * 200))
         if change < 0:
-            shifted[160 - moved:160] = False
+            shifted[160 - moved : 160] = False
         else:
-            shifted[160:160 + moved] = True
+            shifted[160 : 160 + moved] = True
         correct[name] = shifted
-    return judge(correct, {name: base for name in changes}, tolerance=0.005, recognition_tolerance=0.02)
+    return judge(correct, dict.fromkeys(changes, base), tolerance=0.005, recognition_tolerance=0.02)
 
 
 def test_decision_rules_and_the_pipeline_they_build() -> None:
     settings = ProbeSettings(crop_scales=(0.7, 0.35))
     names = ("hflip", "vflip", "rot90", "crop0.7", "crop0.35", "colour")
-    kept_all = evidence_of({name: 0.0 for name in names})
+    kept_all = evidence_of(dict.fromkeys(names, 0.0))
     nodes = pipeline_nodes(kept_all, {"size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}, settings)
     targets = [node["_target_"].rsplit(".", 1)[-1] for node in nodes]
     assert targets == ["RandomResizedCrop", "SquareSymmetry", "ColorJitter"]
     assert nodes[0]["scale"] == [0.35, 1.0]
 
-    hurt = evidence_of({"hflip": -0.1, "vflip": 0.0, "rot90": 0.0, "crop0.7": 0.0, "crop0.35": -0.1,
-                        "colour": -0.1})
+    hurt = evidence_of({"hflip": -0.1, "vflip": 0.0, "rot90": 0.0, "crop0.7": 0.0, "crop0.35": -0.1, "colour": -0.1})
     assert not hurt["hflip"]["keep"] and hurt["vflip"]["keep"]
     # A turn with only one flip would generate the rejected flip: it is dropped too.
     assert consistent_geometry(hurt) == ["vflip"]
@@ -156,7 +163,7 @@ def test_decision_rules_and_the_pipeline_they_build() -> None:
     assert [node["_target_"].rsplit(".", 1)[-1] for node in nodes] == ["RandomResizedCrop", "VerticalFlip"]
     assert nodes[0]["scale"] == [0.7, 1.0]
 
-    assert pipeline_nodes(evidence_of({name: -0.1 for name in names}), {"size": [32, 32]}, settings) is None
+    assert pipeline_nodes(evidence_of(dict.fromkeys(names, -0.1)), {"size": [32, 32]}, settings) is None
 
     # A view that costs nothing when trained with, but after which the images are no longer
     # recognised (a crop that cuts away what decides the class), is left out too.
@@ -166,7 +173,7 @@ def test_decision_rules_and_the_pipeline_they_build() -> None:
     verdict = judge({"none": base, "crop0.35": base}, {"crop0.35": unrecognised}, 0.005, 0.02)["crop0.35"]
     assert verdict["change"] == 0 and verdict["recognised_change"] == -0.05 and not verdict["keep"]
 
-    no_crop = evidence_of({**{name: 0.0 for name in names}, "crop0.7": -0.1, "crop0.35": -0.1})
+    no_crop = evidence_of({**dict.fromkeys(names, 0.0), "crop0.7": -0.1, "crop0.35": -0.1})
     nodes = pipeline_nodes(no_crop, {"size": [32, 32], "crop_pct": 0.875, "interpolation": "bicubic"}, settings)
     assert [node["_target_"].rsplit(".", 1)[-1] for node in nodes][:2] == ["SmallestMaxSize", "CenterCrop"]
     assert nodes[0]["max_size"] == 36  # the evaluation geometry: 32 / 0.875

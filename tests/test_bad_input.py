@@ -19,11 +19,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from tests.fixtures import FAST, ROOT, compose_config, make_image, train_config, train_run, write_image_folder
-from transfer.training.checkpoint_io import atomic_torch_save
 from transfer.data.datamodule import ImageDataset
 from transfer.data.scan import find_bad_images
 from transfer.data.transforms import eval_transform
 from transfer.errors import DataError, ImageReadError
+from transfer.training.checkpoint_io import atomic_torch_save
 
 INPUT = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
 
@@ -138,8 +138,10 @@ def test_imbalance_warns_and_balanced_weights_enter_the_loss(tmp_path: Path, cap
     with caplog.at_level(logging.WARNING, logger="transfer"):
         results = train_run(overrides, tmp_path / "plain")
     assert results["class_weights"] is None
-    assert any("imbalanced" in record.getMessage() and "task.class_weights=balanced" in record.getMessage()
-               for record in caplog.records)
+    assert any(
+        "imbalanced" in record.getMessage() and "task.class_weights=balanced" in record.getMessage()
+        for record in caplog.records
+    )
     weighted = train_run([*overrides, "task.class_weights=balanced"], tmp_path / "weighted")
     train_counts = weighted["split_counts"]["train"]
     total = sum(train_counts.values())
@@ -148,12 +150,14 @@ def test_imbalance_warns_and_balanced_weights_enter_the_loss(tmp_path: Path, cap
 
 def test_a_class_missing_from_the_training_split_is_refused(tmp_path: Path) -> None:
     folder = write_image_folder(tmp_path / "images", per_class=6)
-    rows = ["path,label,split"] + [f"{p.relative_to(folder)},{p.parent.name},"
-                                   f"{'test' if p.parent.name == 'dog' else 'train'}"
-                                   for p in sorted(folder.rglob("*.png"))]
+    rows = ["path,label,split"] + [
+        f"{p.relative_to(folder)},{p.parent.name},{'test' if p.parent.name == 'dog' else 'train'}"
+        for p in sorted(folder.rglob("*.png"))
+    ]
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    cfg = compose_config([*FAST, "data=csv", f"data.csv={folder / 'labels.csv'}", "+data.source.split_column=split"],
-                         tmp_path / "run")
+    cfg = compose_config(
+        [*FAST, "data=csv", f"data.csv={folder / 'labels.csv'}", "+data.source.split_column=split"], tmp_path / "run"
+    )
     with pytest.raises(DataError, match=r"no images of class\(es\) \['dog'\]"):
         train_config(cfg)
 
@@ -184,10 +188,21 @@ class SlowEpochs(__import__("lightning").Callback):
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint_in_a_new_directory(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=16)
-    args = [sys.executable, str(ROOT / "train.py"), *FAST, "data=folder", f"data.root={images}",
-            "schedule.stages.1.epochs=4", f"paths.log_dir={tmp_path / 'logs'}"]
-    process = subprocess.Popen([*args, "+callbacks.slow._target_=tests.test_bad_input.SlowEpochs"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *FAST,
+        "data=folder",
+        f"data.root={images}",
+        "schedule.stages.1.epochs=4",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    process = subprocess.Popen(
+        [*args, "+callbacks.slow._target_=tests.test_bad_input.SlowEpochs"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     last = None
     while time.time() < deadline and process.poll() is None:
@@ -220,8 +235,14 @@ def test_class_weights_weight_the_training_loss() -> None:
     from transfer.model.stage import Stage
 
     model = timm.create_model("test_resnet", num_classes=2)
-    module = ClassifierModule(model, ["ok", "scratch"], functools.partial(torch.optim.AdamW),
-                              backbone_name="test_resnet", input_config={}, class_weights=[0.6, 3.0])
+    module = ClassifierModule(
+        model,
+        ["ok", "scratch"],
+        functools.partial(torch.optim.AdamW),
+        backbone_name="test_resnet",
+        input_config={},
+        class_weights=[0.6, 3.0],
+    )
     module.set_stage(Stage("head", 1), 0)
     module.eval()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 0, 1])
@@ -248,7 +269,12 @@ def test_empty_class_folder_single_class_and_missing_csv_files_are_named(tmp_pat
 
 
 def test_unknown_config_key_is_one_paragraph_naming_it(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "learning_rate=0.1"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "learning_rate=0.1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1 and "learning_rate" in output and "Traceback" not in output

@@ -16,14 +16,19 @@ from tests.fixtures import CONF_DIR, compose_config, options
 from transfer.model.stage import STAGE_KEYS, parse_stages
 
 GROUPS = ["backbone", "data", "augment", "schedule", "optimizer", "trainer", "logger", "task"]
-NEEDS = {("data", "folder"): ["data.root=/tmp/x"], ("data", "tag_folders"): ["data.root=/tmp/x"],
-         ("data", "csv"): ["data.csv=/tmp/x.csv"], ("backbone", "timm"): ["backbone.name=resnet18"]}
+NEEDS = {
+    ("data", "folder"): ["data.root=/tmp/x"],
+    ("data", "tag_folders"): ["data.root=/tmp/x"],
+    ("data", "csv"): ["data.csv=/tmp/x.csv"],
+    ("backbone", "timm"): ["backbone.name=resnet18"],
+}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_and_resolves(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose_config([f"{group}={option}", "input.size=[48, 64]", *NEEDS.get((group, option), [])],
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        [f"{group}={option}", "input.size=[48, 64]", *NEEDS.get((group, option), [])], output_dir=tmp_path
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     assert resolved[group] is not None or group == "logger"

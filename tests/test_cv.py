@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import train_run, FAST, compose_config, write_image_folder
-from transfer.training.cv import fold_probabilities, fold_splits
+from tests.fixtures import FAST, train_run, write_image_folder
 from transfer.errors import DataError
+from transfer.training.cv import fold_probabilities, fold_splits
 
 CV = [*FAST, "augment=none", "data=folder", "data.split.test=0.25", "cv.folds=3"]
 
@@ -53,7 +53,7 @@ def test_each_fold_validates_on_its_own_part_and_none_sees_the_test_split(cv_run
     tests = [s["test"] for s in splits]
     assert tests[0] == tests[1] == tests[2] and len(tests[0]) == 6
     vals = [s["val"] for s in splits]
-    assert all(not (a & b) for i, a in enumerate(vals) for b in vals[i + 1:])  # disjoint folds
+    assert all(not (a & b) for i, a in enumerate(vals) for b in vals[i + 1 :])  # disjoint folds
     pool = vals[0] | vals[1] | vals[2]
     assert len(pool) == 18 and not (pool & tests[0])
     for s in splits:
@@ -66,7 +66,7 @@ def test_out_of_fold_and_ensemble_predictions_come_from_the_right_models(cv_run:
     assert len(oof) == 18
     by_path = {row["path"]: row for row in oof}
     fold_tests = []
-    for index, fold_run in enumerate(summary["fold_runs"]):
+    for fold_run in summary["fold_runs"]:
         results = json.loads((Path(fold_run) / "results.json").read_text())
         ckpt = results["best_checkpoint"]["path"]
         val = [r["path"] for r in read_csv(Path(fold_run) / "split.csv") if r["split"] == "val"]
@@ -84,8 +84,9 @@ def test_out_of_fold_and_ensemble_predictions_come_from_the_right_models(cv_run:
         assert summary["test_single_model"][name]["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
     from transfer.cli.commands import sweep_objective
 
-    folds_val = [json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["score"]
-                 for run in summary["fold_runs"]]
+    folds_val = [
+        json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["score"] for run in summary["fold_runs"]
+    ]
     assert sweep_objective(summary) == pytest.approx(np.mean(folds_val))  # what `python train.py` returns
     saved = json.loads((run_dir / "cv_summary.json").read_text())
     assert saved["test_ensemble"] == summary["test_ensemble"]
@@ -95,8 +96,7 @@ def test_a_cross_validation_resumes_fold_by_fold(cv_run: dict) -> None:
     earlier = cv_run["tmp"] / "interrupted"
     shutil.copytree(cv_run["dir"], earlier)
     (earlier / "fold_1" / "results.json").unlink()  # fold 1 never finished
-    summary = train_run([*CV, f"data.root={cv_run['images']}", f"resume={earlier}"],
-                                   cv_run["tmp"] / "resumed")
+    summary = train_run([*CV, f"data.root={cv_run['images']}", f"resume={earlier}"], cv_run["tmp"] / "resumed")
     runs = summary["fold_runs"]
     assert runs[0] == cv_run["summary"]["fold_runs"][0] and runs[2] == cv_run["summary"]["fold_runs"][2]
     assert runs[1] == str(cv_run["tmp"] / "resumed" / "fold_1")  # only the missing fold trained again
@@ -110,8 +110,19 @@ def test_cross_validation_follows_the_task(task: str, tmp_path: Path) -> None:
 
     labels = write_tagged_images(tmp_path / "images", count=32)
     column = "tags" if task == "multilabel" else "value"
-    summary = train_run([*FAST, "augment=none", "data=csv", f"data.csv={labels}", "data.split.test=0.25",
-                                    f"data.source.label_column={column}", f"task={task}", "cv.folds=2"], tmp_path / "cv")
+    summary = train_run(
+        [
+            *FAST,
+            "augment=none",
+            "data=csv",
+            f"data.csv={labels}",
+            "data.split.test=0.25",
+            f"data.source.label_column={column}",
+            f"task={task}",
+            "cv.folds=2",
+        ],
+        tmp_path / "cv",
+    )
     metric = "map" if task == "multilabel" else "mae"
     assert summary["task"] == task and metric in summary["test_ensemble"] and metric in summary["out_of_fold"]
     oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")
@@ -125,7 +136,14 @@ def test_cross_validation_follows_the_task(task: str, tmp_path: Path) -> None:
     assert sorted(r["path"] for fold in folds for r in fold) == sorted(r["path"] for r in oof)
     ensemble = read_csv(tmp_path / "cv" / "test_predictions.csv")
     column = "p_bright" if task == "multilabel" else "predicted_value"
-    members = [fold_probabilities(json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["path"],
-                                  [row["path"] for row in ensemble], 8, 0)[:, 0] for run in summary["fold_runs"]]
+    members = [
+        fold_probabilities(
+            json.loads((Path(run) / "results.json").read_text())["best_checkpoint"]["path"],
+            [row["path"] for row in ensemble],
+            8,
+            0,
+        )[:, 0]
+        for run in summary["fold_runs"]
+    ]
     got = torch.tensor([float(row[column]) for row in ensemble])
     torch.testing.assert_close(got, torch.stack(members).mean(0), atol=2e-6, rtol=0)

@@ -93,8 +93,7 @@ def test_subsample_is_stratified() -> None:
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB"])
 def test_every_image_mode_becomes_8bit_rgb(tmp_path: Path, mode: str) -> None:
     array = (np.arange(24 * 16).reshape(16, 24) % 256).astype(np.uint8)
-    image = Image.fromarray(array).convert(mode) if mode != "I;16" else Image.fromarray(
-        array.astype("<u2") * 256)
+    image = Image.fromarray(array).convert(mode) if mode != "I;16" else Image.fromarray(array.astype("<u2") * 256)
     path = tmp_path / f"img.{'tif' if mode in ('CMYK', 'I;16') else 'png'}"
     image.save(path)
     rgb = load_rgb(path)
@@ -137,8 +136,14 @@ def test_datamodule_rejects_augmentations_of_the_wrong_size(image_folder: Path) 
     config = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
     table = image_folder_source(image_folder)
     splits = split_indices(table.labels, 0.2, 0.1, seed=0)
-    module = ImageDataModule(table, splits, train_transform([A.HorizontalFlip()], config), eval_transform(config),
-                             input_size=(32, 32), num_workers=0)
+    module = ImageDataModule(
+        table,
+        splits,
+        train_transform([A.HorizontalFlip()], config),
+        eval_transform(config),
+        input_size=(32, 32),
+        num_workers=0,
+    )
     with pytest.raises(DataError, match="End the augmentation list"):
         module.check_transforms()
 

@@ -20,17 +20,34 @@ pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 # No randomness but the data order: no augmentation, no dropout, BatchNorm frozen in every stage
 # (per-process batch statistics would differ from single-process ones by design).
 COMMON = [
-    "backbone=timm", "backbone.name=test_resnet", "backbone.weights=none", "input.size=32",
-    "augment=none", "data=folder", "data.num_workers=0", "data.split.test=0.2", "data.split.val=0.08",
-    "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "schedule.stages.1.unfreeze=2", "schedule.min_steps=0",
-    "schedule.stages.1.freeze_bn=true", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+    "backbone=timm",
+    "backbone.name=test_resnet",
+    "backbone.weights=none",
+    "input.size=32",
+    "augment=none",
+    "data=folder",
+    "data.num_workers=0",
+    "data.split.test=0.2",
+    "data.split.val=0.08",
+    "schedule.stages.0.epochs=1",
+    "schedule.stages.1.epochs=2",
+    "schedule.stages.1.unfreeze=2",
+    "schedule.min_steps=0",
+    "schedule.stages.1.freeze_bn=true",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
 ]
 
 
 def run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, Path]:
     log_dir = tmp_path / name
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, *overrides, f"paths.log_dir={log_dir}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *COMMON, *overrides, f"paths.log_dir={log_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (run_dir,) = (log_dir / "runs").iterdir()
     return json.loads((run_dir / "results.json").read_text()), run_dir
@@ -50,8 +67,15 @@ def runs(tmp_path_factory) -> dict:
     for index in range(6):
         make_image(1, 40, rng).save(images / "dog" / f"extra_{index}.png")
     # The DDP run also trains its head stage on cached features: it must still match plain images.
-    ddp = run(tmp_path, "ddp", f"data.root={images}", "trainer=ddp", "trainer.devices=2", "data.batch_size=4",
-              "feature_cache=true")
+    ddp = run(
+        tmp_path,
+        "ddp",
+        f"data.root={images}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "data.batch_size=4",
+        "feature_cache=true",
+    )
     single = run(tmp_path, "single", f"data.root={images}", "data.batch_size=8")
     return {"ddp": ddp, "single": single, "images": images, "tmp": tmp_path}
 
@@ -61,10 +85,22 @@ TRAINING_BN = ["backbone.name=test_efficientnet", "schedule.stages.1.freeze_bn=f
 
 
 def test_sync_batchnorm_is_refused_on_cpu_with_the_reason(runs) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, f"data.root={runs['images']}",
-                           "trainer=ddp", "trainer.accelerator=cpu", "trainer.sync_batchnorm=true",
-                           f"paths.log_dir={runs['tmp'] / 'refused'}"],
-                          cwd=runs["tmp"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *COMMON,
+            f"data.root={runs['images']}",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.sync_batchnorm=true",
+            f"paths.log_dir={runs['tmp'] / 'refused'}",
+        ],
+        cwd=runs["tmp"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode != 0 and "CUDA only" in done.stderr + done.stdout
 
 
@@ -74,14 +110,27 @@ def test_sync_batchnorm_matches_one_process_at_the_same_global_batch(runs) -> No
     # and timm's conversion keeps each layer's activation (torch's would drop it: other outputs).
     images, tmp_path = runs["images"], runs["tmp"]
     gpu = ["trainer.accelerator=gpu"]
-    synced, synced_dir = run(tmp_path, "ddp_sync", f"data.root={images}", *TRAINING_BN, *gpu, "trainer=ddp",
-                             "trainer.devices=2", "data.batch_size=4", "trainer.sync_batchnorm=true")
-    single, single_dir = run(tmp_path, "single_bn", f"data.root={images}", *TRAINING_BN, *gpu,
-                             "trainer.devices=1", "data.batch_size=8")
+    synced, synced_dir = run(
+        tmp_path,
+        "ddp_sync",
+        f"data.root={images}",
+        *TRAINING_BN,
+        *gpu,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "data.batch_size=4",
+        "trainer.sync_batchnorm=true",
+    )
+    single, single_dir = run(
+        tmp_path, "single_bn", f"data.root={images}", *TRAINING_BN, *gpu, "trainer.devices=1", "data.batch_size=8"
+    )
     synced_weights, single_weights = weights(synced_dir), weights(single_dir)
     assert synced_weights.keys() == single_weights.keys()
-    moved = [k for k in single_weights if k.endswith("running_mean")
-             and not torch.equal(single_weights[k], weights_at_init(single_dir)[k])]
+    moved = [
+        k
+        for k in single_weights
+        if k.endswith("running_mean") and not torch.equal(single_weights[k], weights_at_init(single_dir)[k])
+    ]
     assert moved  # the unfrozen blocks' statistics did train
     for key in single_weights:
         torch.testing.assert_close(synced_weights[key], single_weights[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -122,17 +171,32 @@ def weights_at_init(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_only_rank_zero_writes_run_files(runs) -> None:
     _, ddp_dir = runs["ddp"]
     _, single_dir = runs["single"]
+
     def files(d: Path) -> set[str]:
         return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
     extra = files(ddp_dir) - files(single_dir)
     assert extra == {"train_ddp_process_1.log"}  # rank 1's own log (Hydra), nothing else
     assert "Test:" not in (ddp_dir / "train_ddp_process_1.log").read_text()
 
 
 def torchrun(tmp_path: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), *COMMON, f"data.root={images}", "trainer=ddp", "trainer.devices=2",
-               "data.batch_size=4", "schedule.stages.1.epochs=1", f"paths.log_dir={tmp_path / 'out'}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        *COMMON,
+        f"data.root={images}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "data.batch_size=4",
+        "schedule.stages.1.epochs=1",
+        f"paths.log_dir={tmp_path / 'out'}",
+        *overrides,
+    ]
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
@@ -157,12 +221,25 @@ def test_small_uneven_data_on_two_processes_trains_every_epoch_and_evaluates_eac
     splits = ["train"] * 37 + ["val"] + ["test"] * 5
     order = np.random.default_rng(0).permutation(len(paths))[: len(splits)]
     manifest = tmp_path / "labels.csv"
-    manifest.write_text("path,label,split\n" + "".join(
-        f"{paths[i]},{paths[i].parent.name},{split}\n" for i, split in zip(order, splits)))
-    results, run_dir = run(tmp_path, "odd", "data=csv", f"data.csv={manifest}", "data.source.split_column=split",
-                           "trainer=ddp", "trainer.devices=2", "data.batch_size=32", "augment=none",
-                           "schedule.stages.1.freeze_bn=false", "schedule.stages.1.epochs=3",
-                           "+trainer.check_val_every_n_epoch=2", "trainer.log_every_n_steps=1")
+    manifest.write_text(
+        "path,label,split\n"
+        + "".join(f"{paths[i]},{paths[i].parent.name},{split}\n" for i, split in zip(order, splits))
+    )
+    results, run_dir = run(
+        tmp_path,
+        "odd",
+        "data=csv",
+        f"data.csv={manifest}",
+        "data.source.split_column=split",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "data.batch_size=32",
+        "augment=none",
+        "schedule.stages.1.freeze_bn=false",
+        "schedule.stages.1.epochs=3",
+        "+trainer.check_val_every_n_epoch=2",
+        "trainer.log_every_n_steps=1",
+    )
     assert [sum(results["split_counts"][s].values()) for s in ("train", "val", "test")] == [37, 1, 5]
     assert all(stage["distributed"]["identical"] for stage in results["stages"])
     with open(run_dir / "metrics.csv") as stream:
@@ -171,8 +248,17 @@ def test_small_uneven_data_on_two_processes_trains_every_epoch_and_evaluates_eac
     assert len(train_steps) == 1 + 3  # one step in each of the 4 epochs: none was empty
     assert sum(sum(row) for row in results["confusion_matrix"]) == 5  # every test image once, no padding
     single = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={results['best_checkpoint']['path']}",
-         f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            f"ckpt={results['best_checkpoint']['path']}",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["confusion_matrix"] == results["confusion_matrix"]
@@ -196,9 +282,23 @@ def test_balanced_sampler_on_two_processes_matches_one_process_at_the_same_globa
 
 def test_cross_validation_runs_its_folds_on_two_processes(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=10)
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, f"data.root={images}", "trainer=ddp",
-                           "trainer.devices=2", "data.batch_size=4", "cv.folds=2", f"paths.log_dir={tmp_path / 'cv'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *COMMON,
+            f"data.root={images}",
+            "trainer=ddp",
+            "trainer.devices=2",
+            "data.batch_size=4",
+            "cv.folds=2",
+            f"paths.log_dir={tmp_path / 'cv'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (cv_dir,) = (tmp_path / "cv" / "runs").iterdir()
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
@@ -218,14 +318,23 @@ def test_tags_and_values_on_two_processes_match_one_process(task: str, column: s
     from tests.fixtures import write_tagged_images
 
     labels = write_tagged_images(tmp_path / "images", count=count)
-    common = [*(o for o in COMMON if o != "data=folder"), "data=csv", f"data.csv={labels}",
-              f"data.source.label_column={column}", f"task={task}", "task.threshold=0.5" if task == "regression"
-              else "task.pos_weight=balanced"]
+    common = [
+        *(o for o in COMMON if o != "data=folder"),
+        "data=csv",
+        f"data.csv={labels}",
+        f"data.source.label_column={column}",
+        f"task={task}",
+        "task.threshold=0.5" if task == "regression" else "task.pos_weight=balanced",
+    ]
 
     def launch(name: str, *overrides: str) -> tuple[dict, Path]:
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides,
-                               f"paths.log_dir={tmp_path / name}"], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *common, *overrides, f"paths.log_dir={tmp_path / name}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
         (run_dir,) = (tmp_path / name / "runs").iterdir()
         return json.loads((run_dir / "results.json").read_text()), run_dir

@@ -24,8 +24,7 @@ def test_the_elpv_experiment_is_the_default_run() -> None:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_resolves_and_differs_from_the_default(name: str, tmp_path: Path) -> None:
     overrides = [f"experiment={name}", "input.size=[48, 64]"]  # the size is resolved at train time
-    cfg = compose_config(overrides + ["data.root=/data"] if name == "custom_folder" else overrides,
-                         output_dir=tmp_path)
+    cfg = compose_config(overrides + ["data.root=/data"] if name == "custom_folder" else overrides, output_dir=tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["schedule"]["stages"] and resolved["backbone"]["name"]
     if name != "elpv":
@@ -40,19 +39,25 @@ def test_hotdog_experiment_is_the_d2l_recipe() -> None:
 
 def test_custom_folder_experiment_trains_on_a_folder(image_folder: Path, tmp_path: Path) -> None:
     """Command-line groups still beat the experiment's: a tiny model here instead of ConvNeXt."""
-    cfg = compose_config(["experiment=custom_folder", *TINY_MODEL, f"data.root={image_folder}",
-                          "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=1", "schedule.min_steps=0"],
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        [
+            "experiment=custom_folder",
+            *TINY_MODEL,
+            f"data.root={image_folder}",
+            "schedule.stages.0.epochs=1",
+            "schedule.stages.1.epochs=1",
+            "schedule.min_steps=0",
+        ],
+        output_dir=tmp_path,
+    )
     results = train_config(cfg)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert results["class_weights"] is None and plan["task"]["label_smoothing"] == 0.1  # the recipe's loss
     assert results["dataset"] == "images" and len(results["stages"]) == 2
 
 
-def test_fast_dev_run_runs_every_stage_on_one_batch_and_keeps_no_checkpoint(image_folder: Path,
-                                                                            tmp_path: Path) -> None:
-    cfg = compose_config([*FAST, "debug=fast_dev_run", "data=folder", f"data.root={image_folder}"],
-                         output_dir=tmp_path)
+def test_fast_dev_run_runs_every_stage_on_one_batch_and_keeps_no_checkpoint(image_folder: Path, tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "debug=fast_dev_run", "data=folder", f"data.root={image_folder}"], output_dir=tmp_path)
     results = train_config(cfg)
     assert [s["name"] for s in results["stages"]] == ["head", "finetune"]
     assert [s["logged_steps"] for s in results["stages"]] == [1, 2]  # one batch each
@@ -64,8 +69,10 @@ def test_fast_dev_run_runs_every_stage_on_one_batch_and_keeps_no_checkpoint(imag
 @pytest.mark.slow  # 40 epochs: in CI, not in the developer's loop
 def test_overfit_memorises_one_batch(image_folder: Path, tmp_path: Path) -> None:
     """The sanity check it exists for: a model that can learn reaches train/acc 1.0 on one batch."""
-    cfg = compose_config([*TINY_MODEL, "debug=overfit", "data=folder", f"data.root={image_folder}",
-                          "schedule.stages.0.epochs=25"], output_dir=tmp_path)
+    cfg = compose_config(
+        [*TINY_MODEL, "debug=overfit", "data=folder", f"data.root={image_folder}", "schedule.stages.0.epochs=25"],
+        output_dir=tmp_path,
+    )
     train_config(cfg)
     with open(tmp_path / "metrics.csv") as stream:
         epochs = [row for row in csv.DictReader(stream) if row.get("train/acc")]

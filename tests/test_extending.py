@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
-from tests.fixtures import train_run, ROOT, write_image_folder
-
+from tests.fixtures import ROOT, train_run, write_image_folder
 
 USER_FILES = {
     "my_sources.py": '''
@@ -28,24 +28,24 @@ def parts(root: str) -> ImageTable:
     names = sorted(set(labels))
     return ImageTable([str(f) for f in files], [names.index(label) for label in labels], names, name="parts")
 ''',
-    "my_conf/backbone/tiny.yaml": '''
+    "my_conf/backbone/tiny.yaml": """
 defaults:
   - timm            # the packaged backbone/timm.yaml: create_backbone, weights=auto
 name: test_efficientnet
 weights: none
-''',
-    "my_conf/data/parts.yaml": '''
+""",
+    "my_conf/data/parts.yaml": """
 defaults:
   - folder          # splits, batch sizes and workers from the packaged data/folder.yaml (and base.yaml)
 source:
   _target_: my_sources.parts
   root: ${data.root}
-''',
-    "my_conf/local/default.yaml": '''
+""",
+    "my_conf/local/default.yaml": """
 # @package _global_
 seed: 7                 # picked up without being named: train.yaml's `optional local: default`
-''',
-    "my_conf/augment/rotate.yaml": '''
+""",
+    "my_conf/augment/rotate.yaml": """
 train:
   - _target_: albumentations.Resize
     height: ${input.size.0}
@@ -53,10 +53,11 @@ train:
   - _target_: albumentations.Rotate
     limit: 20
     p: 1.0
-''',
+""",
 }
 
 
+@pytest.mark.slow  # a subprocess training
 def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=10)
     for name, text in USER_FILES.items():
@@ -64,10 +65,29 @@ def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(
         (tmp_path / name).write_text(text.lstrip())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--config-dir", "my_conf", "backbone=tiny", "data=parts",
-         f"data.root={images}", "augment=rotate", "input.size=32", "data.num_workers=0", "data.batch_size=8",
-         "schedule=head_only", "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config-dir",
+            "my_conf",
+            "backbone=tiny",
+            "data=parts",
+            f"data.root={images}",
+            "augment=rotate",
+            "input.size=32",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "schedule=head_only",
+            "schedule.stages.0.epochs=1",
+            "schedule.min_steps=0",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
@@ -109,14 +129,23 @@ def split(model):
 
 
 def test_a_splitter_gives_a_custom_module_the_freezing_schedule(tmp_path: Path, monkeypatch) -> None:
-    from tests.fixtures import FAST, compose_config, write_image_folder
-    
+    from tests.fixtures import FAST, write_image_folder
+
     (tmp_path / "my_model.py").write_text(MY_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     images = write_image_folder(tmp_path / "images", per_class=12)
-    results = train_run([*FAST, "backbone._target_=my_model.build", "backbone.name=tiny_cnn",
-                                    "backbone.splitter={_target_: my_model.split, _partial_: true}",
-                                    "augment=none", "data=folder", f"data.root={images}"], tmp_path / "run")
+    results = train_run(
+        [
+            *FAST,
+            "backbone._target_=my_model.build",
+            "backbone.name=tiny_cnn",
+            "backbone.splitter={_target_: my_model.split, _partial_: true}",
+            "augment=none",
+            "data=folder",
+            f"data.root={images}",
+        ],
+        tmp_path / "run",
+    )
     head, finetune = results["stages"]
     assert head["trainable_groups"] == ["head: classifier"] and head["trainable_params"] == 32 * 2 + 2
     assert finetune["trainable_groups"] == ["head: classifier", "stage2"]
@@ -150,9 +179,10 @@ class Focal(Classification):
 '''
 
 
+@pytest.mark.slow  # a subprocess training
 def test_a_users_task_is_one_module_and_one_config_and_its_checkpoints_load(tmp_path: Path, monkeypatch) -> None:
-    from transfer.inference.evaluate import evaluate
     from tests.fixtures import command_config
+    from transfer.inference.evaluate import evaluate
 
     images = write_image_folder(tmp_path / "images", per_class=10)
     (tmp_path / "my_tasks.py").write_text(MY_TASK.lstrip())
@@ -160,11 +190,32 @@ def test_a_users_task_is_one_module_and_one_config_and_its_checkpoints_load(tmp_
     (tmp_path / "my_conf" / "task" / "focal.yaml").write_text("_target_: my_tasks.Focal\ngamma: 1.5\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--config-dir", "my_conf", "task=focal", "backbone=timm",
-         "backbone.name=test_resnet", "backbone.weights=none", f"data=folder", f"data.root={images}",
-         "augment=none", "input.size=32", "data.num_workers=0", "data.batch_size=8", "schedule=head_only",
-         "schedule.stages.0.epochs=1", "schedule.min_steps=0", "trainer.enable_progress_bar=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config-dir",
+            "my_conf",
+            "task=focal",
+            "backbone=timm",
+            "backbone.name=test_resnet",
+            "backbone.weights=none",
+            "data=folder",
+            f"data.root={images}",
+            "augment=none",
+            "input.size=32",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "schedule=head_only",
+            "schedule.stages.0.epochs=1",
+            "schedule.min_steps=0",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
     results = json.loads((run_dir / "results.json").read_text())

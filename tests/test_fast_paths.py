@@ -47,8 +47,9 @@ def test_models_whose_forward_is_not_the_split_are_refused() -> None:
 
 def make_module(name: str = "test_efficientnet") -> ClassifierModule:
     model, _ = tiny_model(name)
-    return ClassifierModule(model, ["a", "b", "c"], functools.partial(torch.optim.AdamW), backbone_name=name,
-                            input_config={})
+    return ClassifierModule(
+        model, ["a", "b", "c"], functools.partial(torch.optim.AdamW), backbone_name=name, input_config={}
+    )
 
 
 def test_head_only_training_forward_matches_the_plain_forward_and_gradients() -> None:
@@ -70,8 +71,17 @@ def test_head_only_training_forward_matches_the_plain_forward_and_gradients() ->
 
 
 def run(tmp_path: Path, image_folder: Path, name: str, *overrides: str) -> tuple[dict, dict]:
-    cfg = compose_config([*ONE_STAGE, "data=folder", f"data.root={image_folder}", "schedule=head_only",
-                          "schedule.stages.0.epochs=2", *overrides], tmp_path / name)
+    cfg = compose_config(
+        [
+            *ONE_STAGE,
+            "data=folder",
+            f"data.root={image_folder}",
+            "schedule=head_only",
+            "schedule.stages.0.epochs=2",
+            *overrides,
+        ],
+        tmp_path / name,
+    )
     results = train_config(cfg)
     weights = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     return results, weights
@@ -88,8 +98,17 @@ def test_feature_cache_trains_the_same_head_as_images(image_folder: Path, tmp_pa
 
 
 def test_feature_cache_refuses_random_augmentation(image_folder: Path, tmp_path: Path) -> None:
-    cfg = compose_config([*ONE_STAGE, "data=folder", f"data.root={image_folder}", "schedule=head_only",
-                          "augment=light", "feature_cache=true"], tmp_path / "run")
+    cfg = compose_config(
+        [
+            *ONE_STAGE,
+            "data=folder",
+            f"data.root={image_folder}",
+            "schedule=head_only",
+            "augment=light",
+            "feature_cache=true",
+        ],
+        tmp_path / "run",
+    )
     with pytest.raises(TransferError, match="augment=none"):
         train_config(cfg)
 

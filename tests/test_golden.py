@@ -71,8 +71,11 @@ def test_each_panel_set_is_split_as_before(golden: Path, panel_data: Path) -> No
     table = subsample(build_task(cfg).arrange(instantiate(cfg.data.source)), cfg.data.get("max_images"), cfg.seed)
     splits = split_indices(table.stratify_on(), cfg.data.split.test, cfg.data.split.val, cfg.seed, table.splits)
     base = Path(table.paths[0]).parents[1] if name.startswith("elpv") else panel_data / name
-    rows = sorted([str(Path(table.paths[i]).relative_to(base)), table.label_text(i), split]
-                  for split, indices in splits.items() for i in indices)
+    rows = sorted(
+        [str(Path(table.paths[i]).relative_to(base)), table.label_text(i), split]
+        for split, indices in splits.items()
+        for i in indices
+    )
     assert rows == golden_rows(golden)
 
 
@@ -100,9 +103,19 @@ LR_RUNS = {
     "two_stage_layer_decay": ["schedule=two_stage", "schedule.stages.1.layer_decay=0.7"],
 }
 # The recording's settings, in today's names (data.split.val 0.08: the old 0.1 of what the test split left).
-LR_COMMON = ["backbone=timm", "backbone.name=test_resnet", "backbone.weights=none", "input.size=32", "augment=none",
-             "data.num_workers=0", "data.batch_size=8", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-             "data=folder", "data.split.val=0.08"]
+LR_COMMON = [
+    "backbone=timm",
+    "backbone.name=test_resnet",
+    "backbone.weights=none",
+    "input.size=32",
+    "augment=none",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "data=folder",
+    "data.split.val=0.08",
+]
 
 
 @pytest.mark.slow  # five short runs
@@ -110,8 +123,16 @@ LR_COMMON = ["backbone=timm", "backbone.name=test_resnet", "backbone.weights=non
 def test_the_default_schedules_run_the_same_learning_rates_and_results(name: str, tmp_path: Path) -> None:
     images = write_image_folder(tmp_path / "images", per_class=16)
     record = tmp_path / "lrs.json"
-    results = train_run([*LR_COMMON, *LR_RUNS[name], f"data.root={images}", "+callbacks.lrs._target_=tests.test_golden.RecordLRs",
-                         f"+callbacks.lrs.path={record}"], tmp_path / "run")
+    results = train_run(
+        [
+            *LR_COMMON,
+            *LR_RUNS[name],
+            f"data.root={images}",
+            "+callbacks.lrs._target_=tests.test_golden.RecordLRs",
+            f"+callbacks.lrs.path={record}",
+        ],
+        tmp_path / "run",
+    )
     curves, expected = json.loads(record.read_text()), RECORDED["curves"][name]
     assert list(curves) == list(expected)  # the same stages
     for stage, curve in expected.items():  # steps x param groups, to rounding
@@ -132,11 +153,21 @@ def test_the_samplers_draw_the_same_indices_on_one_and_two_processes() -> None:
     labels = np.array([0] * 28 + [1] * 9 + [0, 1, 0, 1, 0])
     splits = np.array(["train"] * 37 + ["val"] * 5, dtype=object)
     table = ImageTable([f"{i:03d}.png" for i in range(42)], labels, ["a", "b"], splits, name="samplers")
-    transform = eval_transform({"size": [8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
-                                "interpolation": "bilinear"})
+    transform = eval_transform(
+        {"size": [8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
+    )
     for sampler in ("shuffle", "balanced"):
-        datamodule = ImageDataModule(table, split_indices(labels, 0.0, 0.0, 42, splits), transform, transform, (8, 8),
-                                     batch_size=4, num_workers=0, seed=42, sampler=sampler)
+        datamodule = ImageDataModule(
+            table,
+            split_indices(labels, 0.0, 0.0, 42, splits),
+            transform,
+            transform,
+            (8, 8),
+            batch_size=4,
+            num_workers=0,
+            seed=42,
+            sampler=sampler,
+        )
         for world in (1, 2):
             for rank in range(world):
                 for split in ("train", "val"):
@@ -145,15 +176,24 @@ def test_the_samplers_draw_the_same_indices_on_one_and_two_processes() -> None:
                         if hasattr(loader.sampler, "set_epoch"):
                             loader.sampler.set_epoch(epoch)
                         key = f"{sampler}/{split}/world{world}/rank{rank}/epoch{epoch}"
-                        assert {"indices": list(map(int, loader.sampler)), "dataset": len(loader.dataset),
-                                "drop_last": loader.drop_last} == recorded[key], key
+                        assert {
+                            "indices": list(map(int, loader.sampler)),
+                            "dataset": len(loader.dataset),
+                            "drop_last": loader.drop_last,
+                        } == recorded[key], key
 
 
 # The old run's settings in today's names: backbone.weights=none (was backbone.pretrained=false), and
 # data.split.val=0.08 (the old 0.1 of what the test split left).
-OLD_RUN = [*FAST, "backbone.name=test_efficientnet",
-           "schedule.stages.1.epochs=2", "augment=none", "data=folder", "data.split.val=0.08",
-           f"data.root={RUN_ROOT / 'images'}"]
+OLD_RUN = [
+    *FAST,
+    "backbone.name=test_efficientnet",
+    "schedule.stages.1.epochs=2",
+    "augment=none",
+    "data=folder",
+    "data.split.val=0.08",
+    f"data.root={RUN_ROOT / 'images'}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +237,9 @@ def test_an_old_checkpoint_evaluates_predicts_and_serves_as_it_did(old_run: Path
     api.setup("cpu")
     checked = CheckedRequests(None, {"/predict": False}, 10**6, api.classifier.input_config)
     files = sorted((old_run / "images" / "dog").glob("*.png"))[:3]
-    images = api.decode_request({"images": [checked.prepared(base64.b64encode(f.read_bytes()).decode(), "x")
-                                            for f in files]})
+    images = api.decode_request(
+        {"images": [checked.prepared(base64.b64encode(f.read_bytes()).decode(), "x") for f in files]}
+    )
     served = api.encode_response(api.predict(images))["predictions"]
     for file, answer in zip(files, served, strict=True):
         assert answer["probabilities"]["cat"] == pytest.approx(float(before[file.name]["p_cat"]), abs=2e-6)

@@ -10,11 +10,19 @@ import pytest
 from tests.fixtures import FAST, compose_config, train_config
 
 
-def test_csv_tensorboard_and_mlflow_record_both_stages_on_one_step_axis(image_folder: Path,
-                                                                        tmp_path: Path) -> None:
+def test_csv_tensorboard_and_mlflow_record_both_stages_on_one_step_axis(image_folder: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cfg = compose_config([*FAST, "data=folder", f"data.root={image_folder}", "logger=[csv,tensorboard,mlflow]",
-                          "schedule.stages.1.epochs=2", f"paths.log_dir={tmp_path}"], output_dir=run_dir)
+    cfg = compose_config(
+        [
+            *FAST,
+            "data=folder",
+            f"data.root={image_folder}",
+            "logger=[csv,tensorboard,mlflow]",
+            "schedule.stages.1.epochs=2",
+            f"paths.log_dir={tmp_path}",
+        ],
+        output_dir=run_dir,
+    )
     results = train_config(cfg)
     steps_per_stage = [stage["logged_steps"] for stage in results["stages"]]
 
@@ -23,6 +31,7 @@ def test_csv_tensorboard_and_mlflow_record_both_stages_on_one_step_axis(image_fo
     assert csv_steps == sorted(set(csv_steps)) and csv_steps[-1] == steps_per_stage[-1] - 1
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tb_steps = [event.step for event in events.Scalars("train/loss_step")]
@@ -30,6 +39,7 @@ def test_csv_tensorboard_and_mlflow_record_both_stages_on_one_step_axis(image_fo
     assert len(events.Scalars("val/acc")) == 3  # 1 + 2 epochs
 
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("transfer").experiment_id])
     assert run.data.tags["run_dir"] == str(run_dir)

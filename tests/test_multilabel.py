@@ -14,17 +14,18 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
-from tests.fixtures import train_run, FAST, command_config, compose_config, train_on_tagged_images, write_tagged_images
+from tests.fixtures import FAST, command_config, compose_config, train_on_tagged_images, train_run, write_tagged_images
 from transfer.data.sources import csv_manifest, elpv
 from transfer.data.splits import split_indices
 from transfer.errors import DataError, TransferError
 from transfer.inference.evaluate import evaluate
 from transfer.inference.explain import explain_files
 from transfer.inference.export import export
-from transfer.model.classifier import load_classifier, read_checkpoint
 from transfer.inference.predict import predict
+from transfer.model.classifier import load_classifier, read_checkpoint
 from transfer.tasks import Multilabel
 from transfer.tasks.multilabel import best_f1_threshold
+
 
 def test_tags_come_from_separated_labels_or_from_0_1_columns(tmp_path: Path) -> None:
     labels = write_tagged_images(tmp_path / "images", count=8)
@@ -45,7 +46,11 @@ def test_a_tag_outside_the_declared_labels_names_file_and_row(tmp_path: Path) ->
     labels.write_text("\n".join(text) + "\n")
     with pytest.raises(DataError, match=r"\['glossy'\].*005\.png \(row 7 of .*labels\.csv\)"):
         Multilabel(labels=["bright", "vertical"]).arrange(csv_manifest(labels, label_column="tags"))
-    assert Multilabel().arrange(csv_manifest(labels, label_column="tags")).class_names == ["bright", "glossy", "vertical"]
+    assert Multilabel().arrange(csv_manifest(labels, label_column="tags")).class_names == [
+        "bright",
+        "glossy",
+        "vertical",
+    ]
     text[3] = text[3].replace(",vertical,0,1,", ",vertical,yes please,1,")  # 002.png, row 4
     labels.write_text("\n".join(text) + "\n")
     with pytest.raises(DataError, match=r"002\.png \(row 4 of .*\): 'yes please' for tag 'bright' is not 0/1"):
@@ -88,11 +93,14 @@ def test_loss_and_metrics_match_torch_and_scikit_learn() -> None:
     outputs = torch.randn(40, 3)
     targets = (torch.rand(40, 3) < 0.4).float()
     task = Multilabel(labels=["a", "b", "c"], thresholds=[0.3, 0.5, 0.7])
-    torch.testing.assert_close(task.loss(outputs, targets, None, 0.0),
-                               F.binary_cross_entropy_with_logits(outputs, targets))
+    torch.testing.assert_close(
+        task.loss(outputs, targets, None, 0.0), F.binary_cross_entropy_with_logits(outputs, targets)
+    )
     padded = torch.cat([targets, torch.full((2, 3), float("nan"))])  # DDP padding rows are NaN
-    torch.testing.assert_close(task.loss(torch.cat([outputs, outputs[:2]]), padded, None, 0.0, reduction="sum"),
-                               F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").mean(-1).sum())
+    torch.testing.assert_close(
+        task.loss(torch.cat([outputs, outputs[:2]]), padded, None, 0.0, reduction="sum"),
+        F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").mean(-1).sum(),
+    )
     probabilities = task.probabilities(outputs)
     values = {k: float(v) for k, v in task.metrics(3, "")(probabilities, targets).items()}
     truth, scores = targets.numpy(), probabilities.numpy()
@@ -102,14 +110,17 @@ def test_loss_and_metrics_match_torch_and_scikit_learn() -> None:
     assert values["f1"] == pytest.approx(f1_score(truth, decided, average="macro", zero_division=0), abs=1e-5)
     assert values["f1_micro"] == pytest.approx(f1_score(truth, decided, average="micro"), abs=1e-5)
     weighted = Multilabel(pos_weight=[2.0, 1.0, 0.5])
-    torch.testing.assert_close(weighted.loss(outputs, targets, None, 0.0), F.binary_cross_entropy_with_logits(
-        outputs, targets, pos_weight=torch.tensor([2.0, 1.0, 0.5])))
+    torch.testing.assert_close(
+        weighted.loss(outputs, targets, None, 0.0),
+        F.binary_cross_entropy_with_logits(outputs, targets, pos_weight=torch.tensor([2.0, 1.0, 0.5])),
+    )
 
 
 @pytest.fixture(scope="module")
 def tagged_run(tmp_path_factory) -> dict:
-    return train_on_tagged_images(tmp_path_factory.mktemp("multilabel"), "tags", "task=multilabel",
-                                  "task.pos_weight=balanced")
+    return train_on_tagged_images(
+        tmp_path_factory.mktemp("multilabel"), "tags", "task=multilabel", "task.pos_weight=balanced"
+    )
 
 
 def test_multilabel_run_reports_map_and_saves_per_tag_thresholds(tagged_run: dict) -> None:
@@ -123,7 +134,10 @@ def test_multilabel_run_reports_map_and_saves_per_tag_thresholds(tagged_run: dic
     assert state["thresholds"] == results["task_state"]["thresholds"]
     assert all(0 < t < 1 for t in state["thresholds"])
     assert state["pos_weight"] == pytest.approx([1.0, 1.0], abs=0.35)  # about half the images carry each tag
-    assert results["split_counts"]["train"]["bright"] > 0 and set(results["split_counts"]["test"]) == {"bright", "vertical"}
+    assert results["split_counts"]["train"]["bright"] > 0 and set(results["split_counts"]["test"]) == {
+        "bright",
+        "vertical",
+    }
     classifier = load_classifier(tagged_run["ckpt"])
     assert classifier.model.get_classifier().out_features == 2
     assert classifier.task.thresholds == state["thresholds"]
@@ -136,7 +150,8 @@ def test_multilabel_evaluate_reproduces_the_test_metrics_and_reports_per_tag(tag
     per_label = {row["label"]: row for row in report["per_label"]}
     assert set(per_label) == {"bright", "vertical"}
     assert [per_label[n]["threshold"] for n in ("bright", "vertical")] == pytest.approx(
-        tagged_run["results"]["task_state"]["thresholds"], abs=1e-6)
+        tagged_run["results"]["task_state"]["thresholds"], abs=1e-6
+    )
     assert sum(r["support"] for r in report["per_label"]) == sum(tagged_run["results"]["split_counts"]["test"].values())
     with open(tmp_path / "eval" / "predictions.csv") as stream:
         rows = list(csv.DictReader(stream))
@@ -154,16 +169,27 @@ def test_multilabel_predict_export_and_explain_follow_the_task(tagged_run: dict,
     with open(tmp_path / "pred" / "predictions.csv") as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 48 and list(rows[0]) == ["path", "predicted", "p_bright", "p_vertical"]
-    report = export(command_config("export", tmp_path / "export", [f"ckpt={tagged_run['ckpt']}",
-                                                                  "formats=[onnx,torchscript]", "quantize=int8"]))
+    report = export(
+        command_config(
+            "export", tmp_path / "export", [f"ckpt={tagged_run['ckpt']}", "formats=[onnx,torchscript]", "quantize=int8"]
+        )
+    )
     assert all(result["passed"] for result in report["formats"].values())
     with open(tagged_run["results"]["split_manifest"]) as stream:
         tested = sum(row["split"] == "test" for row in csv.DictReader(stream))
     assert report["quantization"]["images"] == tested and 0.5 <= report["quantization"]["agreement"] <= 1
     spec = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
-    assert spec["task"] == "multilabel" and spec["task_state"]["thresholds"] == tagged_run["results"]["task_state"]["thresholds"]
-    explained = explain_files(command_config("explain", tmp_path / "explain", [f"ckpt={tagged_run['ckpt']}", "split=test",
-                                                                              "max_images=2", "target=vertical"]))
+    assert (
+        spec["task"] == "multilabel"
+        and spec["task_state"]["thresholds"] == tagged_run["results"]["task_state"]["thresholds"]
+    )
+    explained = explain_files(
+        command_config(
+            "explain",
+            tmp_path / "explain",
+            [f"ckpt={tagged_run['ckpt']}", "split=test", "max_images=2", "target=vertical"],
+        )
+    )
     assert explained["panels"] == 2
     with open(tmp_path / "explain" / "explanations.csv") as stream:
         assert {row["explained_class"] for row in csv.DictReader(stream)} == {"vertical"}
@@ -191,8 +217,9 @@ def test_the_server_answers_with_tags_at_the_saved_thresholds(tagged_run: dict) 
     api = PredictAPI(tagged_run["ckpt"], "none")
     api.setup("cpu")
     checked = CheckedRequests(None, {"/predict": False}, 10**6, api.classifier.input_config)
-    images = api.decode_request({"images": [checked.prepared(base64.b64encode(p.read_bytes()).decode(), "image")
-                                            for p in paths]})
+    images = api.decode_request(
+        {"images": [checked.prepared(base64.b64encode(p.read_bytes()).decode(), "image") for p in paths]}
+    )
     answers = api.encode_response(api.predict(images))["predictions"]
     classifier = load_classifier(tagged_run["ckpt"])
     expected = classifier.probabilities(torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]))

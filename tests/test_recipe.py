@@ -20,8 +20,9 @@ from transfer.model.stage import Stage
 def tiny_module(mixup: Mixup | None) -> ClassifierModule:
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
-    module = ClassifierModule(model, ["a", "b", "c"], torch.optim.AdamW, backbone_name="test_resnet",
-                              input_config={}, mixup=mixup)
+    module = ClassifierModule(
+        model, ["a", "b", "c"], torch.optim.AdamW, backbone_name="test_resnet", input_config={}, mixup=mixup
+    )
     module.set_stage(Stage("finetune", 1, unfreeze=1), 1)
     return module.train()
 
@@ -73,12 +74,15 @@ def write_images(root: Path, sides: list[int]) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("sides, crop_pct, expected", [
-    ([300] * 5, 1.0, 296),          # ELPV-like cells: their own size (rounded down to a multiple of 8)
-    ([300] * 5, 0.875, 256),        # evaluation resizes to size / crop_pct first
-    ([100, 120, 4000], 1.0, 224),   # smaller than the backbone's default: the default
-    ([2000, 3000, 4000], 1.0, 336), # large photos: at most 1.5x the default
-])
+@pytest.mark.parametrize(
+    "sides, crop_pct, expected",
+    [
+        ([300] * 5, 1.0, 296),  # ELPV-like cells: their own size (rounded down to a multiple of 8)
+        ([300] * 5, 0.875, 256),  # evaluation resizes to size / crop_pct first
+        ([100, 120, 4000], 1.0, 224),  # smaller than the backbone's default: the default
+        ([2000, 3000, 4000], 1.0, 336),  # large photos: at most 1.5x the default
+    ],
+)
 def test_auto_input_size_follows_the_images_within_bounds(tmp_path: Path, sides, crop_pct, expected) -> None:
     model = timm.create_model("test_resnet", pretrained=False)
     paths = write_images(tmp_path, sides)

@@ -21,8 +21,8 @@ from transfer.errors import DataError, TransferError
 from transfer.inference.evaluate import evaluate
 from transfer.inference.explain import explain_files
 from transfer.inference.export import export
-from transfer.model.classifier import load_classifier, read_checkpoint
 from transfer.inference.predict import predict
+from transfer.model.classifier import load_classifier, read_checkpoint
 from transfer.tasks import Regression
 
 
@@ -68,8 +68,7 @@ def test_targets_are_standardised_on_training_rows_and_decoded_back() -> None:
     standard = (targets[[0, 1, 2, 4]] - task.mean[0]) / task.std[0]
     torch.testing.assert_close(task.loss(outputs, targets, None, 0.0), F.mse_loss(outputs[[0, 1, 2, 4]], standard))
     huber = Regression(loss="huber", mean=task.mean, std=task.std)
-    torch.testing.assert_close(huber.loss(outputs, targets, None, 0.0),
-                               F.huber_loss(outputs[[0, 1, 2, 4]], standard))
+    torch.testing.assert_close(huber.loss(outputs, targets, None, 0.0), F.huber_loss(outputs[[0, 1, 2, 4]], standard))
 
 
 def test_regression_metrics_match_scikit_learn() -> None:
@@ -77,8 +76,12 @@ def test_regression_metrics_match_scikit_learn() -> None:
     truth = rng.random(60)
     guess = np.clip(truth + rng.normal(0, 0.2, 60), -0.2, 1.2)
     task = Regression(threshold=0.5)
-    values = {k: float(v) for k, v in task.metrics(1, "")(torch.tensor(guess[:, None], dtype=torch.float32),
-                                                          torch.tensor(truth[:, None], dtype=torch.float32)).items()}
+    values = {
+        k: float(v)
+        for k, v in task.metrics(1, "")(
+            torch.tensor(guess[:, None], dtype=torch.float32), torch.tensor(truth[:, None], dtype=torch.float32)
+        ).items()
+    }
     assert values["mae"] == pytest.approx(mean_absolute_error(truth, guess), abs=1e-5)
     assert values["rmse"] == pytest.approx(np.sqrt(np.mean((truth - guess) ** 2)), abs=1e-5)
     assert values["r2"] == pytest.approx(r2_score(truth, guess), abs=1e-4)
@@ -88,8 +91,9 @@ def test_regression_metrics_match_scikit_learn() -> None:
 
 @pytest.fixture(scope="module")
 def valued_run(tmp_path_factory) -> dict:
-    return train_on_tagged_images(tmp_path_factory.mktemp("regression"), "value", "task=regression",
-                                  "task.threshold=0.5")
+    return train_on_tagged_images(
+        tmp_path_factory.mktemp("regression"), "value", "task=regression", "task.threshold=0.5"
+    )
 
 
 def test_regression_run_learns_the_value_and_saves_its_scaling(valued_run: dict) -> None:
@@ -135,8 +139,12 @@ def test_regression_evaluate_predict_export_and_explain_use_the_datas_units(valu
     assert spec["task_state"]["mean"] == [mean] and "std" in spec["output"]
     with pytest.raises(TransferError, match="regression"):
         export(command_config("export", tmp_path / "export_int8", [f"ckpt={ckpt}", "formats=[onnx]", "quantize=int8"]))
-    assert explain_files(command_config("explain", tmp_path / "explain", [f"ckpt={ckpt}", "split=test",
-                                                                         "max_images=1"]))["panels"] == 1
+    assert (
+        explain_files(command_config("explain", tmp_path / "explain", [f"ckpt={ckpt}", "split=test", "max_images=1"]))[
+            "panels"
+        ]
+        == 1
+    )
 
 
 def test_the_server_answers_with_values_in_the_datas_units(valued_run: dict) -> None:
@@ -149,8 +157,9 @@ def test_the_server_answers_with_values_in_the_datas_units(valued_run: dict) -> 
     api = PredictAPI(valued_run["ckpt"], "none")
     api.setup("cpu")
     checked = CheckedRequests(None, {"/predict": False}, 10**6, api.classifier.input_config)
-    images = api.decode_request({"images": [checked.prepared(base64.b64encode(p.read_bytes()).decode(), "image")
-                                            for p in paths]})
+    images = api.decode_request(
+        {"images": [checked.prepared(base64.b64encode(p.read_bytes()).decode(), "image") for p in paths]}
+    )
     answers = api.encode_response(api.predict(images))["predictions"]
     classifier = load_classifier(valued_run["ckpt"])
     with torch.inference_mode():

@@ -15,8 +15,11 @@ from transfer.model.module import ClassifierModule
 from transfer.model.optim import build_optimizer, cosine_schedule, param_groups
 from transfer.model.stage import Stage, parse_stages
 
-STAGES = [Stage("head", 1, unfreeze=0, lr=1e-3), Stage("top", 1, unfreeze=2, lr=1e-4, warmup_epochs=1),
-          Stage("all", 1, unfreeze="all", lr=1e-5, layer_decay=0.5)]
+STAGES = [
+    Stage("head", 1, unfreeze=0, lr=1e-3),
+    Stage("top", 1, unfreeze=2, lr=1e-4, warmup_epochs=1),
+    Stage("all", 1, unfreeze="all", lr=1e-5, layer_decay=0.5),
+]
 
 
 class Staged(ClassifierModule):
@@ -33,8 +36,14 @@ class Staged(ClassifierModule):
 def make_module(name: str = "test_efficientnet", stages=STAGES) -> Staged:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=3)
-    return Staged(model, ["a", "b", "c"], functools.partial(torch.optim.AdamW, weight_decay=0.05),
-                  backbone_name=name, input_config={}, stages=stages)
+    return Staged(
+        model,
+        ["a", "b", "c"],
+        functools.partial(torch.optim.AdamW, weight_decay=0.05),
+        backbone_name=name,
+        input_config={},
+        stages=stages,
+    )
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -140,10 +149,10 @@ def test_each_stage_optimizer_holds_exactly_its_trainable_params_with_its_lrs() 
 
 def test_warmup_then_cosine_in_every_group_scaled_by_its_layer_decay() -> None:
     weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
-    optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 0.1}, {"params": [weights[1]], "lr": 0.1,
-                                                                       "lr_scale": 0.5}], lr=0.1)
-    scheduler = cosine_schedule(optimizer, Stage("s", 1, lr=0.1, min_lr_ratio=0.01), total_steps=100,
-                                warmup_steps=10)
+    optimizer = torch.optim.SGD(
+        [{"params": [weights[0]], "lr": 0.1}, {"params": [weights[1]], "lr": 0.1, "lr_scale": 0.5}], lr=0.1
+    )
+    scheduler = cosine_schedule(optimizer, Stage("s", 1, lr=0.1, min_lr_ratio=0.01), total_steps=100, warmup_steps=10)
     curve = []
     for step in range(101):
         scheduler.step_update(step)
@@ -168,8 +177,10 @@ def test_impossible_schedules_are_explained() -> None:
 # unfreeze: 1 must train the last feature stage (with the norm timm puts after it) and the head, nothing else.
 LAST_STAGE = {
     "test_resnet": (("layer4.", "fc."), ["head: fc", "layer4"]),
-    "test_efficientnet": (("blocks.4.", "conv_head.", "bn2.", "classifier."),
-                          ["head: classifier", "blocks.4 + conv_head + bn2"]),
+    "test_efficientnet": (
+        ("blocks.4.", "conv_head.", "bn2.", "classifier."),
+        ["head: classifier", "blocks.4 + conv_head + bn2"],
+    ),
     # timm groups head.norm with the classifier: a "block" of one LayerNorm unless it joins stages.3.
     "test_convnext": (("stages.3.", "head.norm.", "head.fc."), ["head: head.fc", "stages.3 + head.norm"]),
     "test_vit": (("blocks.5.", "norm.", "head."), ["head: head", "blocks.5 + norm"]),
@@ -239,8 +250,10 @@ def test_small_datasets_get_enough_epochs_for_the_minimum_steps() -> None:
     stages, notes = schedule_stages(cfg, [], steps=1)
     assert [s.epochs for s in stages] == [50, 50] and len(notes) == 2
     # 55 steps per epoch (ELPV): nothing changes, nothing said
-    assert schedule_stages(cfg, [], steps=55) == ([Stage(**{**s, "epochs": s["epochs"]}) for s in
-                                                   compose_config([]).schedule.stages], [])
+    assert schedule_stages(cfg, [], steps=55) == (
+        [Stage(**{**s, "epochs": s["epochs"]}) for s in compose_config([]).schedule.stages],
+        [],
+    )
     # an epochs given in the overrides is kept as written
     stages, notes = schedule_stages(compose_config(["schedule.stages.1.epochs=2"]), ["schedule.stages.1.epochs=2"], 1)
     assert [s.epochs for s in stages] == [50, 2] and len(notes) == 1
@@ -254,8 +267,15 @@ def test_steps_per_epoch_follow_the_loaders_batching(image_folder) -> None:
 
     table = folder_source(image_folder)
     config = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
-    datamodule = ImageDataModule(table, split_indices(table.labels, 0.2, 0.1, 42), eval_transform(config),
-                                 eval_transform(config), (32, 32), batch_size=8, num_workers=0)
+    datamodule = ImageDataModule(
+        table,
+        split_indices(table.labels, 0.2, 0.1, 42),
+        eval_transform(config),
+        eval_transform(config),
+        (32, 32),
+        batch_size=8,
+        num_workers=0,
+    )
     train_images = len(datamodule.splits["train"])
     loader = datamodule.loader(datamodule.dataset("train"), True, None)
     assert datamodule.train_steps_per_epoch() == len(loader) == train_images // 8
@@ -271,14 +291,19 @@ def test_a_tie_in_the_validation_score_keeps_the_later_checkpoint() -> None:
 
     trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda decision: decision))
     for mode, best, tie, worse in (("max", 1.0, 1.0, 0.5), ("min", 0.2, 0.2, 0.3)):
-        ours, lightnings = (LatestBestCheckpoint(monitor="val/acc", mode=mode, save_top_k=1),
-                            ModelCheckpoint(monitor="val/acc", mode=mode, save_top_k=1))
+        ours, lightnings = (
+            LatestBestCheckpoint(monitor="val/acc", mode=mode, save_top_k=1),
+            ModelCheckpoint(monitor="val/acc", mode=mode, save_top_k=1),
+        )
         for callback in (ours, lightnings):
             callback.best_k_models, callback.kth_best_model_path = {"epoch00.ckpt": torch.tensor(best)}, "epoch00.ckpt"
         assert ours.check_monitor_top_k(trainer, torch.tensor(tie))
         assert not lightnings.check_monitor_top_k(trainer, torch.tensor(tie))  # Lightning keeps the first
         assert not ours.check_monitor_top_k(trainer, torch.tensor(worse))
     bests = StageBests("max")
-    bests.records = [{"stage": "head", "path": "h.ckpt", "score": 1.0}, {"stage": "finetune", "path": "f.ckpt", "score": 1.0},
-                     {"stage": "extra", "path": "e.ckpt", "score": 0.5}]
+    bests.records = [
+        {"stage": "head", "path": "h.ckpt", "score": 1.0},
+        {"stage": "finetune", "path": "f.ckpt", "score": 1.0},
+        {"stage": "extra", "path": "e.ckpt", "score": 0.5},
+    ]
     assert bests.best()["stage"] == "finetune"

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.fixtures import train_run, FAST, ROOT, compose_config, write_image_folder
+from tests.fixtures import FAST, ROOT, train_run, write_image_folder
 from transfer.model.classifier import load_classifier
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
@@ -57,9 +57,22 @@ def server(tmp_path_factory):
     ckpt = results["best_checkpoint"]["path"]
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "serve.py"), f"ckpt={ckpt}", f"port={port}", "max_body_mb=1",
-         "max_image_pixels=1000000", "max_batch_size=4", "batch_timeout=0.05", f"hydra.run.dir={tmp / 'serve'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            str(ROOT / "serve.py"),
+            f"ckpt={ckpt}",
+            f"port={port}",
+            "max_body_mb=1",
+            "max_image_pixels=1000000",
+            "max_batch_size=4",
+            "batch_timeout=0.05",
+            f"hydra.run.dir={tmp / 'serve'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300  # a loaded CI machine starts LitServe's workers slowly
     while time.time() < deadline:
@@ -78,7 +91,6 @@ def server(tmp_path_factory):
         pytest.fail("the server did not come up in 300 s")
     yield {"url": url, "ckpt": ckpt, "images": images, "tmp": tmp}
     stop_server_process(process)
-
 
 
 def expected_probabilities(ckpt: str, paths: list[Path]) -> torch.Tensor:
@@ -114,13 +126,23 @@ def png_bytes(size: tuple[int, int], mode: str = "L") -> bytes:
 
 
 BAD_INPUTS = {
-    "not an image": (json.dumps({"images": [base64.b64encode(b"just some text").decode()]}).encode(), "application/json", 400),
+    "not an image": (
+        json.dumps({"images": [base64.b64encode(b"just some text").decode()]}).encode(),
+        "application/json",
+        400,
+    ),
     "zero bytes": (json.dumps({"images": [""]}).encode(), "application/json", 400),
-    "truncated": (json.dumps({"images": [base64.b64encode(png_bytes((64, 64), "RGB")[:60]).decode()]}).encode(),
-                  "application/json", 400),
+    "truncated": (
+        json.dumps({"images": [base64.b64encode(png_bytes((64, 64), "RGB")[:60]).decode()]}).encode(),
+        "application/json",
+        400,
+    ),
     "invalid base64": (json.dumps({"images": ["@@@"]}).encode(), "application/json", 400),
-    "decompression bomb": (json.dumps({"images": [base64.b64encode(png_bytes((3000, 3000))).decode()]}).encode(),
-                           "application/json", 413),
+    "decompression bomb": (
+        json.dumps({"images": [base64.b64encode(png_bytes((3000, 3000))).decode()]}).encode(),
+        "application/json",
+        413,
+    ),
     "oversized body": (json.dumps({"images": ["A" * (2 * 1024 * 1024)]}).encode(), "application/json", 413),
     "wrong content type": (b"images=1", "application/x-www-form-urlencoded", 415),
     "not json": (b"{oops", "application/json", 400),
@@ -140,7 +162,9 @@ def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(server, case: str) -
 
 def test_concurrent_requests_are_batched_and_a_bad_one_spoils_none(server) -> None:
     good = [encoded(p) for p in sorted((server["images"] / "dog").glob("*.png"))[:6]]
-    bodies = [json.dumps({"images": [image]}).encode() for image in good] + [json.dumps({"images": ["@@@"]}).encode()] * 3
+    bodies = [json.dumps({"images": [image]}).encode() for image in good] + [
+        json.dumps({"images": ["@@@"]}).encode()
+    ] * 3
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
         answers = list(pool.map(lambda body: request(server["url"] + "/predict", body), bodies * 2))
     statuses = [status for status, _ in answers]
@@ -149,7 +173,9 @@ def test_concurrent_requests_are_batched_and_a_bad_one_spoils_none(server) -> No
 
 def test_explain_returns_the_prediction_and_a_grad_cam_overlay(server) -> None:
     path = sorted((server["images"] / "dog").glob("*.png"))[0]
-    status, body = request(server["url"] + "/explain", json.dumps({"image": "data:image/png;base64," + encoded(path)}).encode())
+    status, body = request(
+        server["url"] + "/explain", json.dumps({"image": "data:image/png;base64," + encoded(path)}).encode()
+    )
     assert status == 200, body
     answer = json.loads(body)
     assert answer["method"] == "gradcam"
@@ -169,6 +195,7 @@ def test_the_page_in_a_real_browser_shows_the_apis_answer(server) -> None:
         pytest.skip("needs Chromium (apt-get install chromium; .ci/run installs it)")
     assert chromium() is not None, "TRANSFER_REQUIRE_BROWSER is set but no Chromium is installed"
     from playwright import sync_api as playwright
+
     path = sorted((server["images"] / "cat").glob("*.png"))[3]
     api = json.loads(request(server["url"] + "/predict", json.dumps({"image": encoded(path)}).encode())[1])
     with playwright.sync_playwright() as p:

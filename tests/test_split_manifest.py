@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import train_run, FAST, compose_config, make_image, write_image_folder
-from tests.fixtures import command_config
+from tests.fixtures import FAST, command_config, make_image, train_run, write_image_folder
 from transfer.errors import DataError, TransferError
 from transfer.inference.evaluate import evaluate
 from transfer.inference.explain import explain_files
@@ -30,8 +29,9 @@ def skipped_run(tmp_path_factory) -> dict:
     folder = write_image_folder(tmp / "images", per_class=20)
     for index in range(3):
         (folder / "dog" / f"broken_{index}.png").write_bytes(b"not a png")
-    results = train_run([*FAST, "data=folder", f"data.root={folder}", "runtime.bad_images=skip",
-                                    "augment=none"], tmp / "run")
+    results = train_run(
+        [*FAST, "data=folder", f"data.root={folder}", "runtime.bad_images=skip", "augment=none"], tmp / "run"
+    )
     return {"folder": folder, "results": results, "run": tmp / "run", "ckpt": results["best_checkpoint"]["path"]}
 
 
@@ -79,8 +79,11 @@ def test_images_added_after_training_do_not_change_what_evaluate_tests(tmp_path:
 
 
 def test_explain_can_take_the_runs_own_test_images(skipped_run, tmp_path: Path) -> None:
-    out = explain_files(command_config("explain", tmp_path / "explain",
-                                       [f"ckpt={skipped_run['ckpt']}", "split=test", "methods=[gradient]"]))
+    out = explain_files(
+        command_config(
+            "explain", tmp_path / "explain", [f"ckpt={skipped_run['ckpt']}", "split=test", "methods=[gradient]"]
+        )
+    )
     assert out["panels"] == sum(skipped_run["results"]["split_counts"]["test"].values())
     with pytest.raises(TransferError, match="one of inputs"):
         explain_files(command_config("explain", tmp_path / "none", [f"ckpt={skipped_run['ckpt']}"]))
@@ -93,8 +96,7 @@ def test_resume_uses_the_first_runs_images_and_refuses_other_settings(tmp_path: 
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["transfer"]["run_shape"]["seed"] == 42
     with pytest.raises(TransferError, match=r"schedule.stages.1.lr: 0.0003 -> 0.001\n  seed: 42 -> 7"):
-        train_run([*overrides, f"resume={last}", "seed=7", "schedule.stages.1.lr=1e-3"],
-                             tmp_path / "refused")
+        train_run([*overrides, f"resume={last}", "seed=7", "schedule.stages.1.lr=1e-3"], tmp_path / "refused")
     # Images added since do not enter the resumed run: it continues on the first run's split.
     for index in range(6):
         make_image(0, 40, np.random.default_rng(index)).save(folder / "cat" / f"added_{index}.png")
@@ -102,14 +104,17 @@ def test_resume_uses_the_first_runs_images_and_refuses_other_settings(tmp_path: 
     assert resumed["split_counts"] == first["split_counts"]
     assert rows_of(tmp_path / "resumed" / "split.csv") == rows_of(tmp_path / "first" / "split.csv")
     # An explicit override lets a changed setting through.
-    allowed = train_run([*overrides, f"resume={last}", "schedule.stages.1.lr=1e-3",
-                                    "resume_allow_changes=true"], tmp_path / "allowed")
+    allowed = train_run(
+        [*overrides, f"resume={last}", "schedule.stages.1.lr=1e-3", "resume_allow_changes=true"], tmp_path / "allowed"
+    )
     assert allowed["stages"][-1]["lr"] == pytest.approx(1e-3)
 
 
 def test_shape_differences_name_each_changed_setting() -> None:
     before = {"seed": 1, "schedule": {"stages": [{"lr": 0.1, "epochs": 2}]}, "data": {"root": "a"}}
     now = {"seed": 1, "schedule": {"stages": [{"lr": 0.2, "epochs": 2}, {"lr": 0.01}]}, "data": {"root": "a"}}
-    assert shape_differences(before, now) == ["schedule.stages.0.lr: 0.1 -> 0.2",
-                                              "schedule.stages.1.lr: (unset) -> 0.01"]
+    assert shape_differences(before, now) == [
+        "schedule.stages.0.lr: 0.1 -> 0.2",
+        "schedule.stages.1.lr: (unset) -> 0.01",
+    ]
     assert shape_differences(before, before) == []

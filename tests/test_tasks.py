@@ -14,15 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from tests.fixtures import train_run, FAST, ROOT, command_config, compose_config
+from tests.fixtures import FAST, ROOT, command_config, train_run
 from transfer.errors import TransferError
 from transfer.inference.evaluate import evaluate
 from transfer.inference.explain import explain_files
 from transfer.inference.export import export
-from transfer.model.classifier import load_classifier
-from transfer.tasks import IGNORE
 from transfer.inference.predict import predict
-from transfer.tasks import Classification, Ordinal, task_from_state
+from transfer.model.classifier import load_classifier
+from transfer.tasks import IGNORE, Classification, Ordinal, task_from_state
 
 
 def test_classification_task_is_the_weighted_smoothed_cross_entropy() -> None:
@@ -39,9 +38,13 @@ def test_classification_task_is_the_weighted_smoothed_cross_entropy() -> None:
 def test_ordinal_probabilities_are_a_distribution_whose_median_is_the_prediction() -> None:
     task = Ordinal()
     assert task.outputs(4) == 3
-    outputs = torch.tensor([[3.0, 0.2, -4.0],    # P(>0) high, P(>1) ~0.55, P(>2) low: grade 2
-                            [-3.0, -3.0, -3.0],  # grade 0
-                            [-1.0, 2.0, 3.0]])   # not monotone: P(>1), P(>2) capped by P(>0) < 0.5
+    outputs = torch.tensor(
+        [
+            [3.0, 0.2, -4.0],  # P(>0) high, P(>1) ~0.55, P(>2) low: grade 2
+            [-3.0, -3.0, -3.0],  # grade 0
+            [-1.0, 2.0, 3.0],
+        ]
+    )  # not monotone: P(>1), P(>2) capped by P(>0) < 0.5
     probabilities = task.probabilities(outputs)
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(3))
     assert (probabilities >= 0).all()
@@ -96,7 +99,8 @@ def write_graded_folder(root: Path, per_class: int = 16, size: int = 40) -> Path
         for index in range(per_class):
             level = 50 + 75 * grade + rng.normal(0, 12, (size, size))
             Image.fromarray(np.clip(np.stack([level] * 3, -1), 0, 255).astype(np.uint8)).save(
-                folder / f"{index:03d}.png")
+                folder / f"{index:03d}.png"
+            )
     return root
 
 
@@ -104,9 +108,20 @@ def write_graded_folder(root: Path, per_class: int = 16, size: int = 40) -> Path
 def ordinal_run(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("ordinal")
     images = write_graded_folder(tmp_path / "images")
-    results = train_run([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "task.levels=[g0,g1,g2]", "augment=none",
-                                    "schedule.stages.0.epochs=3", "schedule.stages.0.lr=0.01",
-                                    "schedule.stages.0.unfreeze=all"], tmp_path / "run")  # random init: train it all
+    results = train_run(
+        [
+            *FAST,
+            "data=folder",
+            f"data.root={images}",
+            "task=ordinal",
+            "task.levels=[g0,g1,g2]",
+            "augment=none",
+            "schedule.stages.0.epochs=3",
+            "schedule.stages.0.lr=0.01",
+            "schedule.stages.0.unfreeze=all",
+        ],
+        tmp_path / "run",
+    )  # random init: train it all
     return {"images": images, "results": results, "ckpt": results["best_checkpoint"]["path"], "tmp": tmp_path}
 
 
@@ -130,8 +145,11 @@ def test_ordinal_evaluate_reproduces_the_runs_test_metrics(ordinal_run: dict, tm
 
 
 def test_ordinal_predict_writes_grade_probabilities_and_the_median_grade(ordinal_run: dict, tmp_path: Path) -> None:
-    predict(command_config("predict", tmp_path / "pred", [f"ckpt={ordinal_run['ckpt']}",
-                                                          f"inputs={ordinal_run['images'] / 'g2'}"]))
+    predict(
+        command_config(
+            "predict", tmp_path / "pred", [f"ckpt={ordinal_run['ckpt']}", f"inputs={ordinal_run['images'] / 'g2'}"]
+        )
+    )
     with open(tmp_path / "pred" / "predictions.csv") as stream:
         rows = list(csv.DictReader(stream))
     assert len(rows) == 16
@@ -144,21 +162,22 @@ def test_ordinal_predict_writes_grade_probabilities_and_the_median_grade(ordinal
 
 
 def test_ordinal_export_passes_parity_and_explain_runs(ordinal_run: dict, tmp_path: Path) -> None:
-    report = export(command_config("export", tmp_path / "export", [f"ckpt={ordinal_run['ckpt']}",
-                                                                  "formats=[onnx,torchscript]"]))
+    report = export(
+        command_config("export", tmp_path / "export", [f"ckpt={ordinal_run['ckpt']}", "formats=[onnx,torchscript]"])
+    )
     assert all(result["passed"] for result in report["formats"].values())
     spec = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
     assert spec["task"] == "ordinal" and "P(class > k)" in spec["output"]
-    summary = explain_files(command_config("explain", tmp_path / "explain", [f"ckpt={ordinal_run['ckpt']}",
-                                                                            "split=test", "max_images=2"]))
+    summary = explain_files(
+        command_config("explain", tmp_path / "explain", [f"ckpt={ordinal_run['ckpt']}", "split=test", "max_images=2"])
+    )
     assert summary["panels"] == 2
 
 
 def test_mixup_is_refused_for_ordinal_grades(tmp_path: Path) -> None:
     images = write_graded_folder(tmp_path / "images", per_class=4)
     with pytest.raises(TransferError, match="mixup"):
-        train_run([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "mixup=light"],
-                             tmp_path / "run")
+        train_run([*FAST, "data=folder", f"data.root={images}", "task=ordinal", "mixup=light"], tmp_path / "run")
 
 
 def test_panel_grade_metrics_from_a_confusion_matrix_match_scikit_learn() -> None:

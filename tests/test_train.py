@@ -19,8 +19,11 @@ from transfer import fine_tune
 from transfer.errors import TransferError
 from transfer.training.plan import load_plan
 
-HEAD_ONLY = [o for o in FAST if not o.startswith("schedule.")] + ["schedule=head_only", "schedule.stages.0.epochs=1",
-                                                                    "schedule.min_steps=0"]
+HEAD_ONLY = [o for o in FAST if not o.startswith("schedule.")] + [
+    "schedule=head_only",
+    "schedule.stages.0.epochs=1",
+    "schedule.min_steps=0",
+]
 
 
 def test_two_stage_run_writes_a_complete_run_directory(image_folder: Path, tmp_path: Path) -> None:
@@ -58,8 +61,13 @@ def test_a_run_never_reuses_a_directory(image_folder: Path, tmp_path: Path) -> N
 
 def elpv_run(tmp_path: Path, name: str, pretrained: bool) -> dict:
     overrides = [
-        "data.max_images=480", "input.size=128", "data.num_workers=0", f"backbone.weights={'auto' if pretrained else 'none'}",
-        "schedule.stages.0.epochs=1", "schedule.stages.1.epochs=2", "trainer.enable_progress_bar=false",
+        "data.max_images=480",
+        "input.size=128",
+        "data.num_workers=0",
+        f"backbone.weights={'auto' if pretrained else 'none'}",
+        "schedule.stages.0.epochs=1",
+        "schedule.stages.1.epochs=2",
+        "trainer.enable_progress_bar=false",
         "schedule.min_steps=0",
     ]
     return train_run(overrides, tmp_path / name)
@@ -75,8 +83,13 @@ def test_pretrained_weights_beat_random_init_on_elpv(tmp_path: Path) -> None:
 
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides, f"paths.log_dir={cwd}"],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"paths.log_dir={cwd}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -114,8 +127,11 @@ class CrashInStage(__import__("lightning").Callback):
 def test_resume_after_the_unfreeze_restores_the_stage_and_ends_identical(image_folder: Path, tmp_path: Path) -> None:
     # no random augmentation: then the only randomness is the data order, a function of (seed, epoch)
     overrides = [*FAST, "data=folder", f"data.root={image_folder}", "schedule.stages.1.epochs=2", "augment=none"]
-    crash = ["+callbacks.crash._target_=tests.test_train.CrashInStage",
-             "+callbacks.crash.stage_index=1", "+callbacks.crash.epoch=1"]
+    crash = [
+        "+callbacks.crash._target_=tests.test_train.CrashInStage",
+        "+callbacks.crash.stage_index=1",
+        "+callbacks.crash.epoch=1",
+    ]
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_run([*overrides, *crash], tmp_path / "crashed")
     last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
@@ -128,8 +144,9 @@ def test_resume_after_the_unfreeze_restores_the_stage_and_ends_identical(image_f
     # the same layers train after the resume as in the uninterrupted run's stage 2
     assert resumed["stages"][0]["trainable_params"] == full["stages"][1]["trainable_params"]
     # the resumed run's optimizer was restored into stage 2's param groups (same LR schedule)
-    resumed_ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu",
-                              weights_only=False)
+    resumed_ckpt = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     full_ckpt = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed_ckpt["epoch"] == full_ckpt["epoch"] == 1
     lrs = [[g["lr"] for g in c["optimizer_states"][0]["param_groups"]] for c in (resumed_ckpt, full_ckpt)]
@@ -143,11 +160,21 @@ def test_resume_after_the_unfreeze_restores_the_stage_and_ends_identical(image_f
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_same_seed_gives_the_same_run_despite_random_augmentation(image_folder: Path, tmp_path: Path,
-                                                                  workers: int) -> None:
+def test_same_seed_gives_the_same_run_despite_random_augmentation(
+    image_folder: Path, tmp_path: Path, workers: int
+) -> None:
     def final_weights(name: str, seed: int) -> dict[str, torch.Tensor]:
-        train_run([*HEAD_ONLY, "data=folder", f"data.root={image_folder}", "augment=heavy",
-                   f"data.num_workers={workers}", f"seed={seed}"], tmp_path / name)
+        train_run(
+            [
+                *HEAD_ONLY,
+                "data=folder",
+                f"data.root={image_folder}",
+                "augment=heavy",
+                f"data.num_workers={workers}",
+                f"seed={seed}",
+            ],
+            tmp_path / name,
+        )
         return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
     first, again, other_seed = final_weights("a", 1), final_weights("b", 1), final_weights("c", 2)
@@ -174,8 +201,15 @@ def test_lr_finder_sets_the_first_stages_lr_and_saves_its_plot(image_folder: Pat
 
 @pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
 def test_lr_finder_can_scale_the_later_stages_by_the_same_factor(image_folder: Path, tmp_path: Path) -> None:
-    overrides = [*FAST, "data=folder", f"data.root={image_folder}", "lr_find.enabled=true", "lr_find.num_training=24",
-                 "lr_find.scale_later_stages=true", "lr_find.on_features=false"]
+    overrides = [
+        *FAST,
+        "data=folder",
+        f"data.root={image_folder}",
+        "lr_find.enabled=true",
+        "lr_find.num_training=24",
+        "lr_find.scale_later_stages=true",
+        "lr_find.on_features=false",
+    ]
     cfg = compose_config(overrides)
     results = train_run(overrides, tmp_path)
     head, finetune = results["stages"]
@@ -208,29 +242,42 @@ def test_lr_finder_curve_is_corrected_for_lightnings_smoothing_bias(tmp_path: Pa
 
     from transfer.compat import unbiased_lr_finder_losses as unbiased
 
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=5, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     finder = Tuner(trainer).lr_find(ConstantLoss(), num_training=40, update_attr=False)
     raw = finder.results["loss"]
-    assert raw[0] == pytest.approx(0.7 * 0.02 / (1 - 0.98 ** 2))  # about half the loss: the bias
+    assert raw[0] == pytest.approx(0.7 * 0.02 / (1 - 0.98**2))  # about half the loss: the bias
     assert unbiased(raw) == pytest.approx([0.7] * len(raw))
 
 
 def test_valley_suggestion_ignores_noise_on_a_flat_start_where_steepest_does_not() -> None:
     """A finder curve like ELPV's: flat and noisy, a long descent from 1e-3 to 5e-2, then divergence."""
     from transfer.training.lr_find import valley
+
     lrs = list(np.logspace(-6, 0, 100))
     rng = np.random.default_rng(0)
-    losses = [0.68 + 0.01 * rng.standard_normal() if lr < 1e-3 else
-              0.68 - 0.12 * np.log10(lr / 1e-3) / np.log10(50) if lr < 5e-2 else
-              0.56 + 2.0 * (lr - 5e-2) for lr in lrs]
+    losses = [
+        0.68 + 0.01 * rng.standard_normal()
+        if lr < 1e-3
+        else 0.68 - 0.12 * np.log10(lr / 1e-3) / np.log10(50)
+        if lr < 5e-2
+        else 0.56 + 2.0 * (lr - 5e-2)
+        for lr in lrs
+    ]
     steepest = int(np.argmin(np.gradient(np.array(losses))))
     assert lrs[steepest] < 1e-3  # a noise step wins the steepest-gradient rule
     assert 1e-3 < lrs[valley(lrs, losses)] < 5e-2
 
 
-def test_fine_tune_returns_the_run_folder_best_checkpoint_test_metrics_and_plan(image_folder: Path,
-                                                                               tmp_path: Path) -> None:
+def test_fine_tune_returns_the_run_folder_best_checkpoint_test_metrics_and_plan(
+    image_folder: Path, tmp_path: Path
+) -> None:
     result = fine_tune([*HEAD_ONLY, "data=folder", f"data.root={image_folder}"], run_dir=tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result.run_dir == tmp_path / "run" and result.test == saved["test"] and result.test["acc"] >= 0.5
@@ -255,13 +302,17 @@ def test_epochs_set_by_the_user_run_as_written_and_schedule_defaults_reach_min_s
     """A 20-image folder: 16 training images, batch 32: one optimizer step an epoch."""
     images = write_image_folder(tmp_path / "images", per_class=10)
     small = [o for o in FAST if not o.startswith("schedule.")] + ["data=folder", f"data.root={images}", "augment=none"]
-    mine = fine_tune([*small, "data.batch_size=32", "schedule.stages.0.epochs=2", "schedule.stages.1.epochs=2"],
-                     run_dir=tmp_path / "mine")
+    mine = fine_tune(
+        [*small, "data.batch_size=32", "schedule.stages.0.epochs=2", "schedule.stages.1.epochs=2"],
+        run_dir=tmp_path / "mine",
+    )
     assert [s["epochs_run"] for s in mine.results["stages"]] == [2, 2]
     assert not any("min_steps" in note for note in mine.plan.notes)
     assert "min_steps" not in (tmp_path / "mine" / "train.log").read_text()
-    defaults = fine_tune([*small, "data.batch_size=32", "schedule.min_steps=5", "schedule.stages.1.epochs=2"],
-                         run_dir=tmp_path / "defaults", )
+    defaults = fine_tune(
+        [*small, "data.batch_size=32", "schedule.min_steps=5", "schedule.stages.1.epochs=2"],
+        run_dir=tmp_path / "defaults",
+    )
     # the schedule's 2 head epochs are raised to 5 one-step epochs; the finetune epochs set here are not
     assert [s.epochs for s in defaults.plan.stages] == [5, 2]
     assert [s["epochs_run"] for s in defaults.results["stages"]] == [5, 2]

@@ -53,8 +53,9 @@ def fine_tune_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> FineTune
     return FineTuneResult(run_dir, Path(checkpoint) if checkpoint else None, results["test"], plan, results)
 
 
-def fine_tune(overrides: Sequence[str] = (), *, config_dir: str | Path | None = None,
-              run_dir: str | Path | None = None) -> FineTuneResult:
+def fine_tune(
+    overrides: Sequence[str] = (), *, config_dir: str | Path | None = None, run_dir: str | Path | None = None
+) -> FineTuneResult:
     """Compose ``conf/train.yaml`` with ``overrides`` (``config_dir``: a folder of your own configs,
     as ``--config-dir``) and run it in a new folder under ``paths.log_dir`` (or ``run_dir``); its log
     goes to the folder's ``train.log`` and, where nothing else handles logging, to the console."""

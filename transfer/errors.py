@@ -29,9 +29,10 @@ class ScheduleError(TransferError):
 def user_error_in(error: BaseException) -> TransferError | None:
     """The `TransferError` behind ``error``, if any (Hydra's instantiate wraps what targets raise)."""
     seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, TransferError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TransferError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None

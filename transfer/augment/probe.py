@@ -15,8 +15,9 @@ on the data before training, with the frozen pretrained backbone:
    * the baseline tested on the held-out *view*: is a transformed image still recognised by a
      model that never saw one? Where orientation carries meaning (characters, upright faces) or
      the change removes what decides the class it is not, even when a probe could learn both.
-3. `judge` keeps the views that are recognised and cost no accuracy; the chosen views become an albumentations pipeline, written into the run's ``config.yaml``
-   (``augment.train``), ``augment/chosen.yaml`` and, with the evidence, ``results.json``.
+3. `judge` keeps the views that are recognised and cost no accuracy; the chosen views become an
+   albumentations pipeline, the plan's augmentation (in ``plan.json``, ``config.yaml``'s
+   ``augment.train``, ``augment/chosen.yaml`` and, with the evidence, ``results.json``).
 
 The probe costs one pass of the frozen backbone per view over at most ``max_images`` images, and
 seconds of closed-form fits; everything is seeded, so a seed gives one decision.
@@ -51,12 +52,12 @@ GEOMETRIC = ("hflip", "vflip", "rot90")
 class ProbeSettings:
     """``augment.probe`` in conf/augment/auto.yaml."""
 
-    max_images: int = 1000        # training + validation images the probe looks at (stratified subset)
-    folds: int = 5                # cross-validation folds (fewer when a class has fewer images)
-    tolerance: float = 0.005      # accuracy training with a view may cost and still be kept (noise allowance)
+    max_images: int = 1000  # training + validation images the probe looks at (stratified subset)
+    folds: int = 5  # cross-validation folds (fewer when a class has fewer images)
+    tolerance: float = 0.005  # accuracy training with a view may cost and still be kept (noise allowance)
     recognition_tolerance: float = 0.02  # how much worse transformed images may be recognised
     crop_scales: tuple[float, ...] = (0.7, 0.35)  # RandomResizedCrop lower scales, mildest first
-    colour: bool = True           # also probe brightness/contrast/saturation/hue changes
+    colour: bool = True  # also probe brightness/contrast/saturation/hue changes
 
     @property
     def min_images(self) -> int:
@@ -81,8 +82,10 @@ def view_pipelines(input_config: Mapping[str, Any], settings: ProbeSettings, see
     for scale in settings.crop_scales:
         views[f"crop{scale:g}"] = [A.RandomResizedCrop(size=(height, width), scale=(scale, 1.0))]
     if settings.colour:
-        views["colour"] = [*geometry(input_config), A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3,
-                                                                  hue=0.05, p=1.0)]
+        views["colour"] = [
+            *geometry(input_config),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=1.0),
+        ]
     pipelines = {}
     for index, (name, transforms) in enumerate(views.items()):
         pipeline = A.Compose([*transforms, *finishing(input_config)])
@@ -109,8 +112,9 @@ class ProbeData:
     num_workers: int
 
 
-def features_of(model: nn.Module, data: ProbeData, rows: np.ndarray, transform: Callable[..., Any],
-                channels_last: bool) -> np.ndarray:
+def features_of(
+    model: nn.Module, data: ProbeData, rows: np.ndarray, transform: Callable[..., Any], channels_last: bool
+) -> np.ndarray:
     table = data.table
     dataset = ImageDataset([table.paths[i] for i in rows], table.labels[rows], transform)
     loader = DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers)
@@ -118,8 +122,9 @@ def features_of(model: nn.Module, data: ProbeData, rows: np.ndarray, transform: 
     return np.asarray(features.numpy(), dtype=np.float64)
 
 
-def cross_validated_accuracy(original: np.ndarray, labels: np.ndarray, views: Mapping[str, np.ndarray],
-                             folds: int, seed: int) -> dict[str, Any]:
+def cross_validated_accuracy(
+    original: np.ndarray, labels: np.ndarray, views: Mapping[str, np.ndarray], folds: int, seed: int
+) -> dict[str, Any]:
     """Per-image correctness on held-out originals of a probe trained on originals (``"none"``) and
     of one trained on originals plus each view (``correct``); and the baseline probe's correctness
     on each held-out *view* (``recognised``: does a model of upright images still recognise it).
@@ -132,8 +137,9 @@ def cross_validated_accuracy(original: np.ndarray, labels: np.ndarray, views: Ma
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
-    alpha = float(RidgeClassifierCV(alphas=np.logspace(-1, 5, 13)).fit(
-        StandardScaler().fit_transform(original), labels).alpha_)
+    alpha = float(
+        RidgeClassifierCV(alphas=np.logspace(-1, 5, 13)).fit(StandardScaler().fit_transform(original), labels).alpha_
+    )
     correct = {name: np.zeros(len(labels), dtype=bool) for name in ("none", *views)}
     recognised = {name: np.zeros(len(labels), dtype=bool) for name in views}
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -147,7 +153,8 @@ def cross_validated_accuracy(original: np.ndarray, labels: np.ndarray, views: Ma
             # Twice the images: twice the penalty keeps the regularisation per image the same.
             probe = RidgeClassifier(alpha=2 * alpha).fit(
                 scaler.transform(np.concatenate([original[train], features[train]])),
-                np.concatenate([labels[train], labels[train]]))
+                np.concatenate([labels[train], labels[train]]),
+            )
             correct[name][held_out] = probe.predict(test) == labels[held_out]
     return {"correct": correct, "recognised": recognised, "alpha": alpha}
 
@@ -159,8 +166,12 @@ def paired(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
     return float(difference.mean()), error
 
 
-def judge(correct: Mapping[str, np.ndarray], recognised: Mapping[str, np.ndarray], tolerance: float,
-          recognition_tolerance: float) -> dict[str, dict[str, Any]]:
+def judge(
+    correct: Mapping[str, np.ndarray],
+    recognised: Mapping[str, np.ndarray],
+    tolerance: float,
+    recognition_tolerance: float,
+) -> dict[str, dict[str, Any]]:
     """Evidence and verdict per view. A view is kept when both hold:
 
     * it is *recognised*: the probe trained on untransformed images classifies transformed ones
@@ -187,8 +198,13 @@ def judge(correct: Mapping[str, np.ndarray], recognised: Mapping[str, np.ndarray
             "recognised_change": round(recognition, 4),
             "recognised_standard_error": round(recognition_error, 4),
             "keep": bool(harmless and invariant),
-            "reason": ("recognised and costs no accuracy" if harmless and invariant else
-                       "not recognised: the label does not survive it" if not invariant else "costs accuracy"),
+            "reason": (
+                "recognised and costs no accuracy"
+                if harmless and invariant
+                else "not recognised: the label does not survive it"
+                if not invariant
+                else "costs accuracy"
+            ),
         }
     return evidence
 
@@ -204,21 +220,27 @@ def consistent_geometry(evidence: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return kept
 
 
-def pipeline_nodes(evidence: Mapping[str, Mapping[str, Any]], input_config: Mapping[str, Any],
-                   settings: ProbeSettings) -> list[dict[str, Any]] | None:
+def pipeline_nodes(
+    evidence: Mapping[str, Mapping[str, Any]], input_config: Mapping[str, Any], settings: ProbeSettings
+) -> list[dict[str, Any]] | None:
     """The chosen augmentation list as Hydra ``_target_`` nodes (what ``augment.train`` holds);
     None when no view is kept: training then sees exactly the evaluation preprocessing."""
     if not any(e["keep"] for e in evidence.values()):
         return None
     height, width = input_config["size"]
     crops = [scale for scale in settings.crop_scales if evidence[f"crop{scale:g}"]["keep"]]
+    nodes: list[dict[str, Any]]
     if crops:
-        nodes = [{"_target_": "albumentations.RandomResizedCrop", "size": [height, width],
-                  "scale": [min(crops), 1.0]}]
+        nodes = [{"_target_": "albumentations.RandomResizedCrop", "size": [height, width], "scale": [min(crops), 1.0]}]
     else:  # the evaluation geometry: resize the short side, center crop
-        nodes = [{"_target_": "albumentations.SmallestMaxSize", "max_size": resize_target(input_config),
-                  "interpolation": INTERPOLATION[input_config["interpolation"]]},
-                 {"_target_": "albumentations.CenterCrop", "height": height, "width": width}]
+        nodes = [
+            {
+                "_target_": "albumentations.SmallestMaxSize",
+                "max_size": resize_target(input_config),
+                "interpolation": INTERPOLATION[input_config["interpolation"]],
+            },
+            {"_target_": "albumentations.CenterCrop", "height": height, "width": width},
+        ]
     geometry = consistent_geometry(evidence)
     if set(geometry) == set(GEOMETRIC):
         nodes.append({"_target_": "albumentations.SquareSymmetry", "p": 1.0})  # all 8 flips and turns
@@ -230,56 +252,103 @@ def pipeline_nodes(evidence: Mapping[str, Mapping[str, Any]], input_config: Mapp
         if "rot90" in geometry:
             nodes.append({"_target_": "albumentations.RandomRotate90", "p": 1.0})
     if settings.colour and evidence["colour"]["keep"]:
-        nodes.append({"_target_": "albumentations.ColorJitter", "brightness": 0.2, "contrast": 0.2,
-                      "saturation": 0.2, "hue": 0.02, "p": 0.8})
+        nodes.append(
+            {
+                "_target_": "albumentations.ColorJitter",
+                "brightness": 0.2,
+                "contrast": 0.2,
+                "saturation": 0.2,
+                "hue": 0.02,
+                "p": 0.8,
+            }
+        )
     return nodes
 
 
-def choose_augmentation(model: nn.Module, data: ProbeData, input_config: Mapping[str, Any],
-                        settings: ProbeSettings, seed: int, channels_last: bool = False) -> dict[str, Any]:
+def choose_augmentation(
+    model: nn.Module,
+    data: ProbeData,
+    input_config: Mapping[str, Any],
+    settings: ProbeSettings,
+    seed: int,
+    channels_last: bool = False,
+) -> dict[str, Any]:
     """Run the probe; returns ``{"train": nodes, "evidence": ..., ...}`` for the plan and results."""
     started = time.perf_counter()
     rows = probe_rows(data.table, data.splits, settings.max_images, seed)
     labels = data.table.labels[rows]
     folds = min(settings.folds, int(np.bincount(labels).min()))
     if len(rows) < settings.min_images:
-        log.warning("augment=auto: %d training/validation images are too few to probe (one image is %.1f points "
-                    "of the probe's accuracy, more than its %.0f-point tolerance; it needs %d): training "
-                    "without augmentation. Choose one with augment=... if you know your labels survive it.",
-                    len(rows), 100 / len(rows), 100 * settings.recognition_tolerance, settings.min_images)
-        return {"train": None, "evidence": {}, "images": len(rows), "folds": 0,
-                "reason": f"too few images to probe (fewer than {settings.min_images})"}
+        log.warning(
+            "augment=auto: %d training/validation images are too few to probe (one image is %.1f points "
+            "of the probe's accuracy, more than its %.0f-point tolerance; it needs %d): training "
+            "without augmentation. Choose one with augment=... if you know your labels survive it.",
+            len(rows),
+            100 / len(rows),
+            100 * settings.recognition_tolerance,
+            settings.min_images,
+        )
+        return {
+            "train": None,
+            "evidence": {},
+            "images": len(rows),
+            "folds": 0,
+            "reason": f"too few images to probe (fewer than {settings.min_images})",
+        }
     if folds < 2:
-        log.warning("augment=auto: a class has fewer than 2 training/validation images, too few to "
-                    "probe; training without augmentation.")
-        return {"train": None, "evidence": {}, "images": len(rows), "folds": 0,
-                "reason": "too few images per class to probe"}
+        log.warning(
+            "augment=auto: a class has fewer than 2 training/validation images, too few to "
+            "probe; training without augmentation."
+        )
+        return {
+            "train": None,
+            "evidence": {},
+            "images": len(rows),
+            "folds": 0,
+            "reason": "too few images per class to probe",
+        }
     original = features_of(model, data, rows, eval_transform(input_config), channels_last)
-    views = {name: features_of(model, data, rows, pipeline, channels_last)
-             for name, pipeline in view_pipelines(input_config, settings, seed).items()}
+    views = {
+        name: features_of(model, data, rows, pipeline, channels_last)
+        for name, pipeline in view_pipelines(input_config, settings, seed).items()
+    }
     extracted = time.perf_counter()
     scores = cross_validated_accuracy(original, labels, views, folds, seed)
     evidence = judge(scores["correct"], scores["recognised"], settings.tolerance, settings.recognition_tolerance)
     nodes = pipeline_nodes(evidence, input_config, settings)
-    report = {"train": nodes, "evidence": evidence, "images": int(len(rows)), "folds": folds,
-              "baseline_accuracy": round(float(scores["correct"]["none"].mean()), 4),
-              "ridge_alpha": scores["alpha"],
-              "seconds": round(time.perf_counter() - started, 1),
-              "feature_seconds": round(extracted - started, 1)}
+    report = {
+        "train": nodes,
+        "evidence": evidence,
+        "images": int(len(rows)),
+        "folds": folds,
+        "baseline_accuracy": round(float(scores["correct"]["none"].mean()), 4),
+        "ridge_alpha": scores["alpha"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "feature_seconds": round(extracted - started, 1),
+    }
     log_decision(report)
     return report
 
 
 def log_decision(report: Mapping[str, Any]) -> None:
-    lines = [f"  {name:<9s} probe acc {e['accuracy']:.4f} ({e['change']:+.4f} +- {e['standard_error']:.4f}), "
-             f"recognised {e['recognised']:.4f} ({e['recognised_change']:+.4f} +- "
-             f"{e['recognised_standard_error']:.4f}): {'keep' if e['keep'] else 'reject'}, {e['reason']}"
-             for name, e in report["evidence"].items()]
+    lines = [
+        f"  {name:<9s} probe acc {e['accuracy']:.4f} ({e['change']:+.4f} +- {e['standard_error']:.4f}), "
+        f"recognised {e['recognised']:.4f} ({e['recognised_change']:+.4f} +- "
+        f"{e['recognised_standard_error']:.4f}): {'keep' if e['keep'] else 'reject'}, {e['reason']}"
+        for name, e in report["evidence"].items()
+    ]
     chosen = ", ".join(node["_target_"].rsplit(".", 1)[-1] for node in report["train"] or []) or "no augmentation"
-    log.info("augment=auto: linear probe on %d train/val images, %d-fold, baseline acc %.4f (%.0fs, "
-             "%.0fs of it features)\n%s\n  chosen: %s", report["images"], report["folds"],
-             report["baseline_accuracy"], report["seconds"], report["feature_seconds"],
-             "\n".join(lines), chosen)
+    log.info(
+        "augment=auto: linear probe on %d train/val images, %d-fold, baseline acc %.4f (%.0fs, "
+        "%.0fs of it features)\n%s\n  chosen: %s",
+        report["images"],
+        report["folds"],
+        report["baseline_accuracy"],
+        report["seconds"],
+        report["feature_seconds"],
+        "\n".join(lines),
+        chosen,
+    )
 
 
 def settings_from(config: Mapping[str, Any] | None) -> ProbeSettings:
@@ -287,4 +356,3 @@ def settings_from(config: Mapping[str, Any] | None) -> ProbeSettings:
     if "crop_scales" in values:
         values["crop_scales"] = tuple(sorted((float(s) for s in values["crop_scales"]), reverse=True))
     return ProbeSettings(**values)
-

@@ -43,12 +43,15 @@ def run_command(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 def job_from(path: str) -> Callable[[DictConfig], Any]:
     """Imported when the command runs, so ``--help`` and ``--cfg job`` skip importing Lightning and timm."""
     module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+    job: Callable[[DictConfig], Any] = getattr(importlib.import_module(module), name)
+    return job
 
 
-def command(config_name: str, job_path: str, answer: Callable[[Any], Any] = lambda _: None,
-            needs: tuple[str, str] | None = None) -> Callable[[], Any]:
+def command(
+    config_name: str, job_path: str, answer: Callable[[Any], Any] = lambda _: None, needs: tuple[str, str] | None = None
+) -> Callable[[], Any]:
     """A console command; ``needs`` = (module, extra) the command cannot run without."""
+
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def main(cfg: DictConfig) -> Any:
         return answer(run_command(job_from(job_path), cfg))

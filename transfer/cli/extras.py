@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 # (command-line override pattern, module that must be importable, extra that installs it)
 EXTRAS: list[tuple[str, str, str]] = [
@@ -40,5 +40,7 @@ def missing_extras(overrides: Sequence[str], installed: Callable[[str], bool] = 
 
 def install_hint(missing: Sequence[str]) -> str:
     names = ",".join(missing)
-    return (f"This command needs the optional part(s) {', '.join(missing)}: pip install 'transfer[{names}]' "
-            f"(from a clone: pip install -e '.[{names}]').")
+    return (
+        f"This command needs the optional part(s) {', '.join(missing)}: pip install 'transfer[{names}]' "
+        f"(from a clone: pip install -e '.[{names}]')."
+    )

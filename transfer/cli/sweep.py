@@ -63,5 +63,11 @@ class SaveBestTrial(Callback):
             "trials": len(trials),
         }
         (sweep_dir / "best_trial.json").write_text(json.dumps(summary, indent=2))
-        log.info("Best of %d trials: %s (%s=%.4f); its config: %s", len(trials), trial_dir.name,
-                 summary["metric"], summary["score"], sweep_dir / "best_config.yaml")
+        log.info(
+            "Best of %d trials: %s (%s=%.4f); its config: %s",
+            len(trials),
+            trial_dir.name,
+            summary["metric"],
+            summary["score"],
+            sweep_dir / "best_config.yaml",
+        )

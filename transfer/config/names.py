@@ -84,7 +84,7 @@ def _retarget(node: Any, messages: list[str]) -> None:
         if isinstance(target, str) and target in MOVED_TARGETS:
             node["_target_"] = MOVED_TARGETS[target]
             messages.append(f"_target_: {target} is now {MOVED_TARGETS[target]}")
-        for key in list(node.keys()):
+        for key in [str(k) for k in node]:
             if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
                 _retarget(node[key], messages)
     elif isinstance(node, ListConfig):
@@ -106,9 +106,11 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
             if new.startswith("task.") and not _has(cfg, new):
                 default = {"label_smoothing": 0.0, "class_weights": None}[old]
                 if value != default:
-                    raise TransferError(f"{old}={value} (now {new}) applies to task=classification and "
-                                        f"task=ordinal, not to {_select(cfg, 'task._target_')} (task=multilabel "
-                                        "weighs its tags with task.pos_weight=balanced).")
+                    raise TransferError(
+                        f"{old}={value} (now {new}) applies to task=classification and "
+                        f"task=ordinal, not to {_select(cfg, 'task._target_')} (task=multilabel "
+                        "weighs its tags with task.pos_weight=balanced)."
+                    )
                 continue
             OmegaConf.update(cfg, new, value, force_add=True)
             messages.append(f"{old} is now {new} ({old} keeps working until the next release)")
@@ -116,8 +118,10 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
             pretrained = _pop(cfg, "backbone.pretrained")
             if pretrained is False:
                 cfg.backbone.weights = "none"
-            messages.append("backbone.pretrained is now part of backbone.weights: backbone.pretrained=false is "
-                            "backbone.weights=none")
+            messages.append(
+                "backbone.pretrained is now part of backbone.weights: backbone.pretrained=false is "
+                "backbone.weights=none"
+            )
         if _has(cfg, "data.test_fraction") or _has(cfg, "data.val_fraction"):
             split = cfg.data.get("split") or OmegaConf.create({"test": 0.0, "val": 0.0})
             test = _pop(cfg, "data.test_fraction") if _has(cfg, "data.test_fraction") else split.test
@@ -127,20 +131,27 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
             else:
                 val = split.val
             cfg.data.split = {"test": float(test), "val": round(val, 12)}
-            messages.append(f"data.test_fraction and data.val_fraction are now data.split.test and data.split.val, both "
-                            f"shares of all images: data.split.test={float(test):g} data.split.val={round(val, 12):g} "
-                            "(for data with its own test folder, data.split.val is a share of its training images)")
+            messages.append(
+                f"data.test_fraction and data.val_fraction are now data.split.test and data.split.val, both "
+                f"shares of all images: data.split.test={float(test):g} data.split.val={round(val, 12):g} "
+                "(for data with its own test folder, data.split.val is a share of its training images)"
+            )
         stages = _select(cfg, "schedule.stages")
         if isinstance(stages, ListConfig):
-            raised = [stage.pop(STAGE_MIN_STEPS) for stage in stages
-                      if isinstance(stage, DictConfig) and STAGE_MIN_STEPS in stage]
+            raised = [
+                stage.pop(STAGE_MIN_STEPS)
+                for stage in stages
+                if isinstance(stage, DictConfig) and STAGE_MIN_STEPS in stage
+            ]
             if any(value is not None for value in raised):
                 cfg.schedule.min_steps = max(int(v) for v in raised if v is not None)
-                messages.append("schedule.stages.N.min_steps is now one schedule.min_steps for every stage "
-                                f"(set to {cfg.schedule.min_steps})")
+                messages.append(
+                    "schedule.stages.N.min_steps is now one schedule.min_steps for every stage "
+                    f"(set to {cfg.schedule.min_steps})"
+                )
         callbacks = _select(cfg, "callbacks")
         if isinstance(callbacks, DictConfig):
-            for name in list(callbacks.keys()):
+            for name in [str(k) for k in callbacks]:
                 node = callbacks[name]
                 if isinstance(node, DictConfig) and node.get("_target_") == EARLY_STOPPING:
                     patience = int(node.get("patience", 3))
@@ -148,8 +159,10 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
                     for stage in stages or []:
                         if stage.get("patience") is None:
                             stage.patience = patience
-                    messages.append(f"callbacks={name} is now each stage's patience (schedule.stages.N.patience="
-                                    f"{patience}); the stage's monitored metric is monitor.metric")
+                    messages.append(
+                        f"callbacks={name} is now each stage's patience (schedule.stages.N.patience="
+                        f"{patience}); the stage's monitored metric is monitor.metric"
+                    )
         _retarget(cfg, messages)
     if announce:
         for message in messages:

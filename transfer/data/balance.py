@@ -17,14 +17,20 @@ def check_split_classes(counts: Mapping[str, Mapping[str, int]]) -> None:
     """Training must see every class; evaluation splits without one get a warning."""
     missing = [name for name, n in counts["train"].items() if n == 0]
     if missing:
-        raise DataError(f"The training split has no images of class(es) {missing}: the model cannot learn "
-                        "them. Add images of those classes, or remove their folders/rows.")
+        raise DataError(
+            f"The training split has no images of class(es) {missing}: the model cannot learn "
+            "them. Add images of those classes, or remove their folders/rows."
+        )
     for split in ("val", "test"):
         absent = [name for name, n in counts.get(split, {}).items() if n == 0]
         if absent and sum(counts.get(split, {}).values()):
-            log.warning("The %s split has no images of %s: their per-class metrics are undefined and "
-                        "macro averages skip them. More data or a larger data.split.%s helps.",
-                        split, absent, split)
+            log.warning(
+                "The %s split has no images of %s: their per-class metrics are undefined and "
+                "macro averages skip them. More data or a larger data.split.%s helps.",
+                split,
+                absent,
+                split,
+            )
 
 
 def imbalance_ratio(train_counts: Mapping[str, int]) -> float:
@@ -41,23 +47,32 @@ def balanced_class_weights(train_counts: Mapping[str, int]) -> list[float]:
     return [float(w) for w in compute_class_weight("balanced", classes=classes, y=labels)]
 
 
-def class_weights_for(train_counts: Mapping[str, int], setting: str | None,
-                      sampler: str = "shuffle") -> list[float] | None:
+def class_weights_for(
+    train_counts: Mapping[str, int], setting: str | None, sampler: str = "shuffle"
+) -> list[float] | None:
     """The loss weights for ``class_weights=null|balanced``, warning about imbalance left untreated
     (``sampler="balanced"`` treats it by drawing every class equally often)."""
     ratio = imbalance_ratio(train_counts)
     if setting is None:
         if ratio >= IMBALANCE_WARNING_RATIO and sampler != "balanced":
-            log.warning("Classes are imbalanced %.1f:1 in the training split (%s); accuracy will favour the "
-                        "large classes. task.class_weights=balanced weights the loss by inverse class frequency; "
-                        "data.sampler=balanced draws every class equally often.", ratio, dict(train_counts))
+            log.warning(
+                "Classes are imbalanced %.1f:1 in the training split (%s); accuracy will favour the "
+                "large classes. task.class_weights=balanced weights the loss by inverse class frequency; "
+                "data.sampler=balanced draws every class equally often.",
+                ratio,
+                dict(train_counts),
+            )
         return None
     if setting != "balanced":
         raise DataError(f"task.class_weights={setting} is not supported; use null or balanced.")
     if sampler == "balanced":
-        log.warning("task.class_weights=balanced with data.sampler=balanced corrects the imbalance twice: "
-                    "rare classes now outweigh common ones. Use one of the two.")
+        log.warning(
+            "task.class_weights=balanced with data.sampler=balanced corrects the imbalance twice: "
+            "rare classes now outweigh common ones. Use one of the two."
+        )
     weights = balanced_class_weights(train_counts)
-    log.info("Class weights in the loss (balanced): %s",
-             ", ".join(f"{name} {w:.3f}" for name, w in zip(train_counts, weights)))
+    log.info(
+        "Class weights in the loss (balanced): %s",
+        ", ".join(f"{name} {w:.3f}" for name, w in zip(train_counts, weights)),
+    )
     return weights

@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer.data.images import load_rgb
-from transfer.data.samplers import (SAMPLERS, PaddedForProcesses, balanced_sampler, evaluation_sampler,
-                                    training_sampler)
+from transfer.data.samplers import SAMPLERS, PaddedForProcesses, balanced_sampler, evaluation_sampler, training_sampler
 from transfer.data.table import ImageTable
 from transfer.errors import DataError
 
@@ -44,9 +43,9 @@ def seed_transform(dataset: Dataset[Any], seed: int) -> None:
     seed draws it from the OS: the same config and seed would train on different augmentations
     in every run.
     """
-    transform = getattr(dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed % 2**32)
+    set_random_seed = getattr(getattr(dataset, "transform", None), "set_random_seed", None)
+    if set_random_seed is not None:
+        set_random_seed(seed % 2**32)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -72,10 +71,20 @@ class ImageDataModule(L.LightningDataModule):
     """The splits of ``table`` (row indices, `transfer.data.splits`) as Lightning loaders, with the
     process-aware samplers of `transfer.data.samplers` and each split's transform."""
 
-    def __init__(self, table: ImageTable, splits: Mapping[str, np.ndarray], train_transform: Callable[..., Any],
-                 eval_transform: Callable[..., Any], input_size: tuple[int, int] | list[int], batch_size: int = 32,
-                 eval_batch_size: int | None = None, num_workers: int = 2, seed: int = 42, pin_memory: bool = False,
-                 sampler: str = "shuffle") -> None:
+    def __init__(
+        self,
+        table: ImageTable,
+        splits: Mapping[str, np.ndarray],
+        train_transform: Callable[..., Any],
+        eval_transform: Callable[..., Any],
+        input_size: tuple[int, int] | list[int],
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 42,
+        pin_memory: bool = False,
+        sampler: str = "shuffle",
+    ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise DataError(f"data.sampler={sampler} is not one of {list(SAMPLERS)}.")
@@ -92,8 +101,10 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         for name in ("train", "val"):
             if len(self.splits[name]) == 0:
-                raise DataError(f"The {name} split of '{table.name}' is empty; it has "
-                                f"{len(table.labels)} images. Add images or a larger data.split.{name}.")
+                raise DataError(
+                    f"The {name} split of '{table.name}' is empty; it has "
+                    f"{len(table.labels)} images. Add images or a larger data.split.{name}."
+                )
 
     def train_steps_per_epoch(self, processes: int = 1, accumulate: int = 1) -> int:
         return steps_per_epoch(len(self.splits["train"]), self.batch_size, processes, accumulate)
@@ -116,10 +127,12 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataError(
                     f"The {split} transform produces {tuple(image.shape[-2:])} images but the model "
                     f"expects {self.input_size}. End the augmentation list with a crop or resize to "
-                    "${input.size} (see conf/augment/standard.yaml).")
+                    "${input.size} (see conf/augment/standard.yaml)."
+                )
 
-    def loader(self, dataset: Dataset[Any], train: bool, trainer: L.Trainer | None,
-               num_workers: int | None = None) -> DataLoader[Any]:
+    def loader(
+        self, dataset: Dataset[Any], train: bool, trainer: L.Trainer | None, num_workers: int | None = None
+    ) -> DataLoader[Any]:
         """A loader with this datamodule's batch sizes and process-aware samplers, for one of its
         splits as images or in another form (`transfer.training.feature_cache` passes cached features)."""
         workers = self.num_workers if num_workers is None else num_workers

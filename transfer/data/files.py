@@ -8,8 +8,8 @@ predictions.
 from __future__ import annotations
 
 import glob
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -32,8 +32,10 @@ def find_images(spec: str, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list
     elif glob.has_magic(spec):
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     else:
-        raise DataError(f"'{spec}' is neither a file, a folder nor a glob pattern that exists; pass "
-                        "inputs=PATH (a folder, a file, or a quoted pattern like 'photos/**/*.jpg').")
+        raise DataError(
+            f"'{spec}' is neither a file, a folder nor a glob pattern that exists; pass "
+            "inputs=PATH (a folder, a file, or a quoted pattern like 'photos/**/*.jpg')."
+        )
     if not found:
         raise DataError(f"No image files in '{spec}' (extensions {', '.join(extensions)}).")
     return found
@@ -58,8 +60,9 @@ class FileDataset(Dataset):
         return image, index, ""
 
 
-def readable_batch(images: torch.Tensor, indices: torch.Tensor, errors: list[str]
-                   ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+def readable_batch(
+    images: torch.Tensor, indices: torch.Tensor, errors: list[str]
+) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """Split a collated batch into (readable images, their indices, [(index, error)] of the others)."""
     keep = [i for i, error in enumerate(errors) if not error]
     failed = [(int(indices[i]), error) for i, error in enumerate(errors) if error]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -62,13 +62,19 @@ def changed_files(rows: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
     return changed
 
 
-def load_manifest(path: Path, class_names: Sequence[str] | None = None, splits: Sequence[str] | None = None,
-                  check: bool = True, name: str | None = None) -> ImageTable:
+def load_manifest(
+    path: Path,
+    class_names: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    check: bool = True,
+    name: str | None = None,
+) -> ImageTable:
     """The run's images as a table whose every row has its split fixed (so nothing is re-split).
 
     ``class_names``: the model's class order (from its checkpoint); by default the names in the file,
     sorted. Labels are read as the run wrote them; a task that parses them (tags, numbers) does so
-    in its ``arrange`` (`transfer.tasks`). ``splits``: only rows of these splits. ``check``: refuse files that are gone or changed.
+    in its ``arrange`` (`transfer.tasks`). ``splits``: only rows of these splits. ``check``: refuse
+    files that are gone or changed.
     """
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))
@@ -83,14 +89,21 @@ def load_manifest(path: Path, class_names: Sequence[str] | None = None, splits: 
         if changed:
             listing = "\n".join(f"  {file}: {what}" for file, what in changed[:10])
             more = f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else ""
-            raise DataError(f"{len(changed)} of the {len(rows)} images the run used (listed in {path}) are "
-                            f"missing or changed since:\n{listing}{more}\nRestore them, or evaluate on "
-                            "other data explicitly with data=... (a new split, not the run's).")
+            raise DataError(
+                f"{len(changed)} of the {len(rows)} images the run used (listed in {path}) are "
+                f"missing or changed since:\n{listing}{more}\nRestore them, or evaluate on "
+                "other data explicitly with data=... (a new split, not the run's)."
+            )
     names = list(class_names) if class_names is not None else sorted({row["label"] for row in rows})
     unknown = sorted({row["label"] for row in rows} - set(names))
     if unknown:
         raise DataError(f"'{path}' has labels {unknown} that are not among the classes {names}.")
     index = {name: i for i, name in enumerate(names)}
-    return ImageTable([row["path"] for row in rows], np.array([index[row["label"]] for row in rows]), names,
-                      np.array([row["split"] for row in rows], dtype=object), name=name or path.parent.name,
-                      extra={"manifest": str(path)})
+    return ImageTable(
+        [row["path"] for row in rows],
+        np.array([index[row["label"]] for row in rows]),
+        names,
+        np.array([row["split"] for row in rows], dtype=object),
+        name=name or path.parent.name,
+        extra={"manifest": str(path)},
+    )

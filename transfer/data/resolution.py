@@ -13,7 +13,7 @@ timm's ``fixed_input_size``) keep their default.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch.nn as nn
@@ -33,8 +33,14 @@ def median_short_side(paths: Sequence[str], sample: int = 200, seed: int = 0) ->
     return int(np.median(sides))
 
 
-def size_for_images(model: nn.Module, paths: Sequence[str], default: Sequence[int], crop_pct: float,
-                    max_scale: float = 1.5, multiple: int = 8) -> list[int]:
+def size_for_images(
+    model: nn.Module,
+    paths: Sequence[str],
+    default: Sequence[int],
+    crop_pct: float,
+    max_scale: float = 1.5,
+    multiple: int = 8,
+) -> list[int]:
     """A square input size for ``paths``: see the module docstring. Rounded down to ``multiple``."""
     if (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
         log.info("input.size=auto: %s takes one input size only; keeping %s.", type(model).__name__, list(default))
@@ -43,6 +49,12 @@ def size_for_images(model: nn.Module, paths: Sequence[str], default: Sequence[in
     side = median_short_side(paths)
     wanted = int(min(max(side * crop_pct, base), base * max_scale)) // multiple * multiple
     size = max(wanted, base)
-    log.info("input.size=auto: median image side %d px, crop_pct %.3g -> input %d px (backbone default %d, "
-             "at most %.3g x)", side, crop_pct, size, base, max_scale)
+    log.info(
+        "input.size=auto: median image side %d px, crop_pct %.3g -> input %d px (backbone default %d, at most %.3g x)",
+        side,
+        crop_pct,
+        size,
+        base,
+        max_scale,
+    )
     return [size, size]

@@ -48,7 +48,8 @@ class PaddedForProcesses(Dataset[Any]):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         if index < self.real:
-            return self.dataset[index]  # type: ignore[no-any-return]
+            item: tuple[Any, Any] = self.dataset[index]
+            return item
         image, label = self.dataset[index % self.real]
         # Cached features come with tensor labels: keep the type so batches collate.
         if isinstance(label, torch.Tensor):
@@ -71,7 +72,7 @@ class EpochWeightedSampler(WeightedRandomSampler):
     process and after a resume, a new one each epoch (Lightning calls ``set_epoch``)."""
 
     def __init__(self, weights: np.ndarray, seed: int) -> None:
-        super().__init__(torch.as_tensor(weights, dtype=torch.double), len(weights), replacement=True)
+        super().__init__(weights.astype(np.float64).tolist(), len(weights), replacement=True)
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,5 +90,6 @@ def balanced_sampler(labels: np.ndarray, replicas: int, rank: int, seed: int) ->
     global draw (padded to a multiple of N by wrapping around)."""
     labels = np.asarray(labels)
     weights = 1.0 / np.bincount(labels)[labels]
-    return DistributedSamplerWrapper(EpochWeightedSampler(weights, seed), num_replicas=replicas, rank=rank,
-                                     shuffle=False)
+    return DistributedSamplerWrapper(
+        EpochWeightedSampler(weights, seed), num_replicas=replicas, rank=rank, shuffle=False
+    )

@@ -50,10 +50,13 @@ def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTab
     listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:10])
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
     if action == "error":
-        raise DataError(f"{len(bad)} of {len(table.paths)} images in '{table.name}' cannot be read "
-                        f"(all listed in {report}):\n{listing}{more}\nRemove or re-encode them, or "
-                        "train without them with runtime.bad_images=skip.")
-    log.warning("Skipping %d unreadable image(s) of %d (listed in %s):\n%s%s", len(bad), len(table.paths),
-                report, listing, more)
+        raise DataError(
+            f"{len(bad)} of {len(table.paths)} images in '{table.name}' cannot be read "
+            f"(all listed in {report}):\n{listing}{more}\nRemove or re-encode them, or "
+            "train without them with runtime.bad_images=skip."
+        )
+    log.warning(
+        "Skipping %d unreadable image(s) of %d (listed in %s):\n%s%s", len(bad), len(table.paths), report, listing, more
+    )
     bad_paths = {path for path, _ in bad}
     return table.take(np.array([i for i, p in enumerate(table.paths) if p not in bad_paths], dtype=np.int64)), bad

@@ -21,6 +21,7 @@ from transfer.errors import DataError
 
 __all__ = ["ImageTable", "csv_manifest", "elpv", "hotdog", "image_folder", "tag_folders"]
 
+
 def _folder_samples(root: Path, class_names: Sequence[str], extensions: tuple[str, ...]):
     class_to_idx = {name: index for index, name in enumerate(class_names)}
     present = [name for name in class_names if (root / name).is_dir()]
@@ -38,11 +39,14 @@ def image_folder(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENS
     """An ImageFolder tree: ``root/<class>/*.jpg``, or ``root/{train,val,test}/<class>/*.jpg``."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"Image folder '{root}' does not exist. Set data.root to a folder with one "
-                        "sub-folder per class (optionally inside train/, val/ and test/).")
+        raise DataError(
+            f"Image folder '{root}' does not exist. Set data.root to a folder with one "
+            "sub-folder per class (optionally inside train/, val/ and test/)."
+        )
     extensions = tuple(e.lower() for e in extensions)
-    split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir()
-                  if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    split_dirs = {
+        SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES
+    }
     if not split_dirs:
         class_names, _ = find_classes(str(root))
         paths, labels = _folder_samples(root, class_names, extensions)
@@ -54,8 +58,10 @@ def image_folder(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENS
     for split, directory in split_dirs.items():
         extra = sorted({p.name for p in directory.iterdir() if p.is_dir()} - set(class_names))
         if extra:
-            raise DataError(f"'{directory}' has classes {extra} that '{split_dirs['train']}' lacks; "
-                            "every split must use the training classes.")
+            raise DataError(
+                f"'{directory}' has classes {extra} that '{split_dirs['train']}' lacks; "
+                "every split must use the training classes."
+            )
         split_paths, split_labels = _folder_samples(directory, class_names, extensions)
         paths += split_paths
         labels += split_labels
@@ -63,8 +69,9 @@ def image_folder(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENS
     return ImageTable(paths, np.array(labels), class_names, np.array(splits, dtype=object), name=root.name)
 
 
-def tag_folders(root: str | os.PathLike, untagged: str | None = None,
-                extensions: Sequence[str] = IMG_EXTENSIONS) -> ImageTable:
+def tag_folders(
+    root: str | os.PathLike, untagged: str | None = None, extensions: Sequence[str] = IMG_EXTENSIONS
+) -> ImageTable:
     """Multi-label images as folders of tags: ``root/<tag>/<file>``, an image in several tag
     folders (the same file name in each) carrying all of them, for task=multilabel.
 
@@ -87,16 +94,23 @@ def tag_folders(root: str | os.PathLike, untagged: str | None = None,
     texts = []
     for name, tags in found.items():
         if untagged is not None and untagged in tags and len(tags) > 1:
-            raise DataError(f"'{name}' is in the untagged folder '{untagged}' and in tag folder(s) "
-                            f"{[t for t in tags if t != untagged]} of '{root}'; keep it in one or the other.")
+            raise DataError(
+                f"'{name}' is in the untagged folder '{untagged}' and in tag folder(s) "
+                f"{[t for t in tags if t != untagged]} of '{root}'; keep it in one or the other."
+            )
         texts.append(";".join(t for t in tags if t != untagged))
     class_names = sorted(set(texts))
     labels = np.array([class_names.index(text) for text in texts])
     return ImageTable([first[name] for name in found], labels, class_names, name=root.name)
 
 
-def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_column: str | Sequence[str] = "label",
-                 split_column: str | None = None, root: str | os.PathLike | None = None) -> ImageTable:
+def csv_manifest(
+    path: str | os.PathLike,
+    path_column: str = "path",
+    label_column: str | Sequence[str] = "label",
+    split_column: str | None = None,
+    root: str | os.PathLike | None = None,
+) -> ImageTable:
     """A CSV with one row per image; relative paths are resolved against ``root`` or the CSV's folder.
 
     ``label_column``: one column (a class, separated tags, or a number, as the task reads it), or a
@@ -113,13 +127,17 @@ def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_colum
     columns = [path_column, *label_columns] + ([split_column] if split_column else [])
     missing_columns = [c for c in columns if not rows or c not in rows[0]]
     if missing_columns:
-        raise DataError(f"CSV manifest '{path}' lacks column(s) {missing_columns}; it has "
-                        f"{list(rows[0]) if rows else 'no rows'}. Set data.path_column / data.label_column.")
+        raise DataError(
+            f"CSV manifest '{path}' lacks column(s) {missing_columns}; it has "
+            f"{list(rows[0]) if rows else 'no rows'}. Set data.path_column / data.label_column."
+        )
     paths = [str(base / row[path_column]) for row in rows]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise DataError(f"{len(missing)} file(s) listed in '{path}' do not exist, e.g. "
-                        f"{missing[:3]}. Fix the paths or remove those rows.")
+        raise DataError(
+            f"{len(missing)} file(s) listed in '{path}' do not exist, e.g. "
+            f"{missing[:3]}. Fix the paths or remove those rows."
+        )
     if len(label_columns) == 1:
         texts = [row[label_columns[0]].strip() for row in rows]
     else:
@@ -132,8 +150,9 @@ def csv_manifest(path: str | os.PathLike, path_column: str = "path", label_colum
         try:
             splits = np.array([SPLIT_ALIASES[row[split_column].strip().lower()] for row in rows], dtype=object)
         except KeyError as error:
-            raise DataError(f"Unknown split {error} in column '{split_column}' of '{path}'; "
-                            f"use one of {sorted(SPLIT_ALIASES)}.") from None
+            raise DataError(
+                f"Unknown split {error} in column '{split_column}' of '{path}'; use one of {sorted(SPLIT_ALIASES)}."
+            ) from None
     extra = {"csv": str(path), "label_columns": label_columns}
     return ImageTable(paths, labels, class_names, splits, name=path.stem, extra=extra)
 
@@ -146,9 +165,10 @@ ELPV_TASKS = {
 }
 ELPV_VIEWS = {
     # view: function from (defect probability as written, cell type) to the label text a task parses
-    "probability": lambda p, t: p,                                         # task=regression
-    "tags": lambda p, t: ";".join(tag for tag, on in (("defective", float(p) >= 0.5),
-                                                      ("poly", t == "poly")) if on),  # task=multilabel
+    "probability": lambda p, t: p,  # task=regression
+    "tags": lambda p, t: ";".join(
+        tag for tag, on in (("defective", float(p) >= 0.5), ("poly", t == "poly")) if on
+    ),  # task=multilabel
 }
 
 

@@ -23,8 +23,9 @@ import numpy as np
 from transfer.errors import DataError
 
 
-def _take_stratified(indices: np.ndarray, labels: np.ndarray, fraction: Fraction,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _take_stratified(
+    indices: np.ndarray, labels: np.ndarray, fraction: Fraction, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (rest, taken) with ``fraction`` of every class (or tag) in ``taken``."""
     if labels.ndim == 2:
         return _take_multilabel(indices, labels, fraction, rng)
@@ -41,15 +42,15 @@ def _take_stratified(indices: np.ndarray, labels: np.ndarray, fraction: Fraction
     return rest, taken_indices
 
 
-def _take_multilabel(indices: np.ndarray, tags: np.ndarray, fraction: Fraction,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _take_multilabel(
+    indices: np.ndarray, tags: np.ndarray, fraction: Fraction, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
     count = round(fraction * len(indices))
     if count == 0 or count >= len(indices):
         return (indices, indices[:0]) if count == 0 else (indices[:0], indices)
-    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=count,
-                                                random_state=int(rng.integers(2**31 - 1)))
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=count, random_state=int(rng.integers(2**31 - 1)))
     rest, taken = next(splitter.split(np.zeros(len(indices)), tags[indices]))
     return np.sort(indices[rest]), np.sort(indices[taken])
 
@@ -60,8 +61,9 @@ def share_of(share: float, unassigned: int, pool: int) -> Fraction:
     return Fraction(str(share)) * unassigned / max(1, pool)
 
 
-def split_indices(labels: np.ndarray, test: float, val: float, seed: int,
-                  predefined: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, test: float, val: float, seed: int, predefined: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Indices for "train", "val" and "test"; ``labels``: class indices, or a 0/1 tag matrix.
 
     ``test`` and ``val`` are shares of the images without a predefined split (all of them when
@@ -96,7 +98,9 @@ def fold_splits(labels: np.ndarray, pool: np.ndarray, folds: int, seed: int) -> 
         return [pool[np.sort(held_out)] for _, held_out in splitter.split(np.zeros(len(pool)), labels[pool])]
     counts = np.bincount(labels[pool])
     if counts[counts > 0].min() < folds:
-        raise DataError(f"cv.folds={folds} needs at least {folds} training images of every class; the smallest "
-                        f"class has {counts[counts > 0].min()}. Use fewer folds or more images.")
+        raise DataError(
+            f"cv.folds={folds} needs at least {folds} training images of every class; the smallest "
+            f"class has {counts[counts > 0].min()}. Use fewer folds or more images."
+        )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [pool[held_out] for _, held_out in splitter.split(pool, labels[pool])]

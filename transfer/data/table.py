@@ -16,8 +16,15 @@ import numpy as np
 from transfer.errors import DataError
 
 SPLIT_NAMES = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 KINDS = ("classes", "tags", "values")
 PAIR_SEPARATOR = ";"  # between the column=value pairs one label holds for several label columns
 # The label of rows that are only padding (an evaluation split evened out across processes,
@@ -93,9 +100,16 @@ class ImageTable:
 
     def take(self, rows: np.ndarray) -> ImageTable:
         """The same dataset restricted to ``rows`` (indices, in the order given)."""
-        return ImageTable([self.paths[i] for i in rows], self.labels[rows], self.class_names,
-                          None if self.splits is None else self.splits[rows], self.name, self.extra, self.kind,
-                          None if self.targets is None else self.targets[rows])
+        return ImageTable(
+            [self.paths[i] for i in rows],
+            self.labels[rows],
+            self.class_names,
+            None if self.splits is None else self.splits[rows],
+            self.name,
+            self.extra,
+            self.kind,
+            None if self.targets is None else self.targets[rows],
+        )
 
     def answers(self, rows: np.ndarray | None = None) -> np.ndarray:
         """What the model learns for ``rows`` (all by default): class indices, or the targets."""
@@ -116,7 +130,8 @@ class ImageTable:
         values = self.targets[row]
         if self.kind == "tags":  # in the separator the task read them with (task.separator)
             return str(self.extra.get("separator", ";")).join(
-                n for n, value in zip(self.class_names, values, strict=True) if value >= 0.5)
+                n for n, value in zip(self.class_names, values, strict=True) if value >= 0.5
+            )
         # str of a float32 is its shortest exact form (0.637, not 0.6370000243186951).
         if len(self.class_names) == 1:
             return str(values[0])
@@ -130,8 +145,10 @@ class ImageTable:
         if self.kind == "tags":
             return dict(zip(self.class_names, answers.sum(axis=0).astype(int).tolist(), strict=True))
         means = answers.mean(axis=0) if len(answers) else np.full(self.num_classes, np.nan)
-        return {"images": int(len(answers)),
-                **{f"mean {n}": round(float(m), 4) for n, m in zip(self.class_names, means, strict=True)}}
+        return {
+            "images": int(len(answers)),
+            **{f"mean {n}": round(float(m), 4) for n, m in zip(self.class_names, means, strict=True)},
+        }
 
 
 def first_row_of(table: ImageTable, label: int) -> str:
@@ -161,6 +178,9 @@ def subsample(table: ImageTable, max_images: int | None, seed: int) -> ImageTabl
     """At most about ``max_images`` rows, stratified by class (and by predefined split), for quick runs."""
     if not max_images or max_images >= len(table.paths):
         return table
-    strata = table.labels.astype(str) if table.splits is None else np.char.add(
-        table.labels.astype(str), table.splits.astype(str))
+    strata = (
+        table.labels.astype(str)
+        if table.splits is None
+        else np.char.add(table.labels.astype(str), table.splits.astype(str))
+    )
     return table.take(stratified_subset(np.arange(len(table.paths)), strata, max_images, seed))

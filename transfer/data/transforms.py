@@ -56,8 +56,7 @@ def resolve_input(model: nn.Module, overrides: Mapping[str, Any] | None = None) 
 
 def finishing(input_config: Mapping[str, Any]) -> list[A.BasicTransform]:
     """Normalise with the backbone's statistics and convert HWC uint8 to a CHW float tensor."""
-    return [A.Normalize(mean=input_config["mean"], std=input_config["std"], max_pixel_value=255.0),
-            ToTensorV2()]
+    return [A.Normalize(mean=input_config["mean"], std=input_config["std"], max_pixel_value=255.0), ToTensorV2()]
 
 
 def resize_target(input_config: Mapping[str, Any]) -> int:
@@ -68,9 +67,12 @@ def resize_target(input_config: Mapping[str, Any]) -> int:
 def geometry(input_config: Mapping[str, Any]) -> list[A.BasicTransform]:
     """Resize the short side to size / crop_pct, then center-crop: timm's evaluation protocol."""
     height, width = input_config["size"]
-    return [A.SmallestMaxSize(max_size=resize_target(input_config),
-                              interpolation=INTERPOLATION[input_config["interpolation"]]),
-            A.CenterCrop(height=height, width=width)]
+    return [
+        A.SmallestMaxSize(
+            max_size=resize_target(input_config), interpolation=INTERPOLATION[input_config["interpolation"]]
+        ),
+        A.CenterCrop(height=height, width=width),
+    ]
 
 
 def eval_transform(input_config: Mapping[str, Any]) -> A.Compose:
@@ -78,8 +80,7 @@ def eval_transform(input_config: Mapping[str, Any]) -> A.Compose:
     return A.Compose([*geometry(input_config), *finishing(input_config)])
 
 
-def train_transform(augmentations: Sequence[A.BasicTransform] | None,
-                    input_config: Mapping[str, Any]) -> A.Compose:
+def train_transform(augmentations: Sequence[A.BasicTransform] | None, input_config: Mapping[str, Any]) -> A.Compose:
     """The user's augmentation list (built from YAML) followed by normalisation.
 
     With no augmentation the training images get the evaluation transform. The list must end

@@ -15,8 +15,8 @@ from transfer.data.files import find_images
 from transfer.data.images import load_rgb
 from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to
 from transfer.errors import ImageReadError, TransferError
-from transfer.model.classifier import Classifier, load_classifier, pick_device
 from transfer.inference.saliency import explain, overlay
+from transfer.model.classifier import Classifier, load_classifier, pick_device
 
 log = logging.getLogger("transfer")
 
@@ -59,8 +59,10 @@ def images_to_explain(cfg: DictConfig) -> list[Path]:
         return find_images(str(cfg.inputs))
     manifest = manifest_next_to(cfg.ckpt)
     if manifest is None:
-        raise TransferError(f"split={cfg.split} needs the run's {MANIFEST} next to '{cfg.ckpt}' "
-                            "(runs write it); pass inputs=... instead.")
+        raise TransferError(
+            f"split={cfg.split} needs the run's {MANIFEST} next to '{cfg.ckpt}' "
+            "(runs write it); pass inputs=... instead."
+        )
     return [Path(p) for p in load_manifest(manifest, splits=[cfg.split]).paths]  # labels unread: paths only
 
 
@@ -70,7 +72,8 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
     classifier = load_classifier(cfg.ckpt, pick_device(cfg.device))
     methods = list(cfg.methods)
     target = target_index(classifier, cfg.get("target"))
-    rows, unreadable = [], []
+    rows: list[list[str]] = []
+    unreadable: list[tuple[str, str]] = []
     for index, path in enumerate(images_to_explain(cfg)[: cfg.max_images]):
         try:
             image = classifier.preprocess(load_rgb(path)).to(classifier.device)
@@ -78,18 +81,22 @@ def explain_files(cfg: DictConfig) -> dict[str, Any]:
             unreadable.append((str(path), str(error)))
             continue
         probs = classifier.probabilities(image.unsqueeze(0))[0]
-        maps, explained = {}, None
+        maps, explained = {}, 0
         for method in methods:
             maps[method], explained = explain(classifier.model, image, method, target, classifier.task)
         name = classifier.class_names[explained]
         panel = out_dir / f"{index:04d}_{path.stem}.png"
         cells = classifier.task.prediction_cells(probs.cpu(), classifier.class_names)
-        save_panel(panel, model_view(image, classifier.input_config), maps,
-                   f"{path.name}: predicted {cells[0] or '-'}; maps for '{name}'")
+        save_panel(
+            panel,
+            model_view(image, classifier.input_config),
+            maps,
+            f"{path.name}: predicted {cells[0] or '-'}; maps for '{name}'",
+        )
         rows.append([str(path), panel.name, *cells, name])
     header = ["path", "panel", *classifier.task.prediction_header(classifier.class_names), "explained_class"]
     write_csv(out_dir / "explanations.csv", header, rows)
-    for path, error in unreadable:
-        log.warning("Skipped unreadable %s: %s", path, error)
+    for file, reason in unreadable:
+        log.warning("Skipped unreadable %s: %s", file, reason)
     log.info("%d panel(s) (%s) in %s", len(rows), ", ".join(methods), out_dir)
     return {"panels": len(rows), "unreadable": len(unreadable), "out_dir": str(out_dir)}

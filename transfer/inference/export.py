@@ -12,8 +12,9 @@ import copy
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
         "decode": "apply the EXIF orientation, convert to 8-bit RGB (alpha over white)",
         "resize_shorter_side_to": resize_target(config),
         "resize": "cv2.resize to (round(w * s), round(h * s)), s = resize_shorter_side_to / min(h, w); "
-                  "PIL's resize anti-aliases and gives slightly different pixels",
+        "PIL's resize anti-aliases and gives slightly different pixels",
         "interpolation": config["interpolation"],
         "center_crop": [height, width],
         "crop_offsets": "top (h - crop_h) // 2, left (w - crop_w) // 2",
@@ -55,24 +56,37 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
     }
 
 
-def export_onnx(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor,
-                path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def export_onnx(
+    model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path
+) -> Callable[[np.ndarray], np.ndarray]:
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as error:
-        raise TransferError(f"ONNX export needs the 'export' extra ({error.name} is missing): "
-                            "pip install -e '.[export]', or export formats=[torchscript] only.") from error
+        raise TransferError(
+            f"ONNX export needs the 'export' extra ({error.name} is missing): "
+            "pip install -e '.[export]', or export formats=[torchscript] only."
+        ) from error
     for name in ("onnxscript", "onnx_ir"):  # their graph-optimisation chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
-    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
-                      verbose=False)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {"image": images})[0]
 
 
-def export_torchscript(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def export_torchscript(
+    model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path
+) -> Callable[[np.ndarray], np.ndarray]:
     with warnings.catch_warnings():  # deprecated in favour of torch.export, still what LibTorch loads
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.trace(model, example).save(str(path))
@@ -80,8 +94,9 @@ def export_torchscript(model: torch.nn.Module, classifier: Classifier, example: 
     return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
 
 
-def export_timm(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor,
-                path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def export_timm(
+    model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path
+) -> Callable[[np.ndarray], np.ndarray]:
     """timm's own format (timm's ``save_for_hf``): ``model.safetensors`` and ``config.json`` with the
     architecture, model arguments, class names and preprocessing, so that
     ``timm.create_model("local-dir:PATH", pretrained=True)`` builds this classifier, and
@@ -90,18 +105,31 @@ def export_timm(model: torch.nn.Module, classifier: Classifier, example: torch.T
     from timm.models import save_for_hf
 
     config = classifier.input_config
-    data_config = {"input_size": (3, *config["size"]), "mean": tuple(config["mean"]), "std": tuple(config["std"]),
-                   "crop_pct": config["crop_pct"], "interpolation": config["interpolation"]}
+    data_config = {
+        "input_size": (3, *config["size"]),
+        "mean": tuple(config["mean"]),
+        "std": tuple(config["std"]),
+        "crop_pct": config["crop_pct"],
+        "interpolation": config["interpolation"],
+    }
     # safetensors stores contiguous tensors: a channels_last model is saved in the default layout.
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    save_for_hf(plain, str(path), model_config={"label_names": list(classifier.class_names)},
-                safe_serialization=True, data_config=data_config)
+    save_for_hf(
+        plain,
+        str(path),
+        model_config={"label_names": list(classifier.class_names)},
+        safe_serialization=True,
+        data_config=data_config,
+    )
     loaded = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
     return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
 
 
-EXPORTERS = {"onnx": (export_onnx, "model.onnx"), "torchscript": (export_torchscript, "model.torchscript.pt"),
-             "timm": (export_timm, "timm")}
+EXPORTERS = {
+    "onnx": (export_onnx, "model.onnx"),
+    "torchscript": (export_torchscript, "model.torchscript.pt"),
+    "timm": (export_timm, "timm"),
+}
 
 
 def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor, list[str]]:
@@ -117,12 +145,15 @@ def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor
     return torch.stack([classifier.preprocess(load_rgb(p)) for p in paths]), paths
 
 
-def split_images(cfg: DictConfig, classifier: Classifier, split: str, count: int | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def split_images(
+    cfg: DictConfig,
+    classifier: Classifier,
+    split: str,
+    count: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images of the training run's ``split`` (at most ``count``, a seeded sample) and
     what the model should answer for them (class indices in its order, or tag targets)."""
-    from transfer.inference.evaluate import evaluation_images
-    from transfer.inference.evaluate import answers_for
+    from transfer.inference.evaluate import answers_for, evaluation_images
 
     table, indices, _ = evaluation_images(cfg, split, classifier.task)
     if count is not None and len(indices) > count:
@@ -139,22 +170,39 @@ def quantize_export(cfg: DictConfig, classifier: Classifier, out_dir: Path) -> d
     if "onnx" not in cfg.formats:
         raise TransferError("quantize=... quantizes the ONNX model: keep onnx in formats.")
     if classifier.task.kind == "values":
-        raise TransferError("quantize=... compares the INT8 model's decisions with the fp32 model's; "
-                            "task=regression has values, not decisions: export without quantize.")
+        raise TransferError(
+            "quantize=... compares the INT8 model's decisions with the fp32 model's; "
+            "task=regression has values, not decisions: export without quantize."
+        )
     calibration = None
     if cfg.quantize == "int8":
         calibration, _ = split_images(cfg, classifier, "train", cfg.calibration_images)
     int8_path = out_dir / "model.int8.onnx"
     mode = quantize_onnx(out_dir / "model.onnx", int8_path, cfg.quantize, calibration)
     test_images, test_labels = split_images(cfg, classifier, "test")
-    report = {"mode": mode, "calibration_images": 0 if calibration is None else len(calibration),
-              **compare_on_images(out_dir / "model.onnx", int8_path, test_images, test_labels,
-                                  decide=lambda logits: classifier.predicted(
-                                      classifier.task.probabilities(torch.from_numpy(logits))).numpy())}
+    report = {
+        "mode": mode,
+        "calibration_images": 0 if calibration is None else len(calibration),
+        **compare_on_images(
+            out_dir / "model.onnx",
+            int8_path,
+            test_images,
+            test_labels,
+            decide=lambda logits: classifier.predicted(classifier.task.probabilities(torch.from_numpy(logits))).numpy(),
+        ),
+    }
     (out_dir / "quantization.json").write_text(json.dumps(report, indent=2))
-    log.info("INT8 (%s): %s, test accuracy %.4f vs fp32 %.4f (delta %+.4f, agreement %.4f), %.1f MB vs %.1f MB",
-             mode, int8_path, report["int8_acc"], report["fp32_acc"], report["acc_delta"], report["agreement"],
-             report["int8_bytes"] / 1e6, report["fp32_bytes"] / 1e6)
+    log.info(
+        "INT8 (%s): %s, test accuracy %.4f vs fp32 %.4f (delta %+.4f, agreement %.4f), %.1f MB vs %.1f MB",
+        mode,
+        int8_path,
+        report["int8_acc"],
+        report["fp32_acc"],
+        report["acc_delta"],
+        report["agreement"],
+        report["int8_bytes"] / 1e6,
+        report["fp32_bytes"] / 1e6,
+    )
     return report
 
 
@@ -169,23 +217,34 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     images, paths = parity_images(cfg, classifier)
     with torch.inference_mode():
         expected = model(images).numpy()
-    report: dict[str, Any] = {"checkpoint": str(cfg.ckpt), "parity_images": paths, "tolerance": cfg.tolerance,
-                              "formats": {}}
+    report: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt),
+        "parity_images": paths,
+        "tolerance": cfg.tolerance,
+        "formats": {},
+    }
     (out_dir / "preprocessing.json").write_text(json.dumps(preprocessing_spec(classifier), indent=2))
     for name in cfg.formats:
         exporter, filename = EXPORTERS[name]
         runner = exporter(model, classifier, images[:2], out_dir / filename)
         difference = float(np.abs(runner(images.numpy()) - expected).max())
-        report["formats"][name] = {"file": filename, "max_abs_diff": difference,
-                                   "passed": difference <= cfg.tolerance}
-        log.info("%s: %s, max |logit difference| on %d real images = %.2e (tolerance %.0e)", name,
-                 out_dir / filename, len(paths), difference, cfg.tolerance)
+        report["formats"][name] = {"file": filename, "max_abs_diff": difference, "passed": difference <= cfg.tolerance}
+        log.info(
+            "%s: %s, max |logit difference| on %d real images = %.2e (tolerance %.0e)",
+            name,
+            out_dir / filename,
+            len(paths),
+            difference,
+            cfg.tolerance,
+        )
     if cfg.get("quantize"):
         report["quantization"] = quantize_export(cfg, classifier, out_dir)
     (out_dir / "parity.json").write_text(json.dumps(report, indent=2))
     failed = [name for name, result in report["formats"].items() if not result["passed"]]
     if failed:
-        raise TransferError(f"The {failed} export(s) differ from the PyTorch model by more than "
-                            f"{cfg.tolerance:g} on real images (see {out_dir / 'parity.json'}); do not ship them.")
+        raise TransferError(
+            f"The {failed} export(s) differ from the PyTorch model by more than "
+            f"{cfg.tolerance:g} on real images (see {out_dir / 'parity.json'}); do not ship them."
+        )
     log.info("Exported to %s (preprocessing.json describes the input)", out_dir)
     return report

@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from transfer.data.images import load_rgb  # noqa: E402
+from transfer.data.images import load_rgb
 
 
 def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
@@ -29,8 +29,14 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: Path,
     axes.set_title(title)
     for row in range(matrix.shape[0]):
         for col in range(matrix.shape[1]):
-            axes.text(col, row, str(matrix[row, col]), ha="center", va="center",
-                      color="white" if shares[row, col] > 0.5 else "black")
+            axes.text(
+                col,
+                row,
+                str(matrix[row, col]),
+                ha="center",
+                va="center",
+                color="white" if shares[row, col] > 0.5 else "black",
+            )
     figure.colorbar(image, ax=axes, label="share of true class")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -38,16 +38,25 @@ class PredictionsCsv(BasePredictionWriter):
         self.stream: TextIO | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stream = open(self.path, "w", newline="")
+        self.stream = open(self.path, "w", newline="")  # noqa: SIM115  (closed in on_predict_end)
         csv.writer(self.stream).writerow(["path", *self.classifier.task.prediction_header(self.classifier.class_names)])
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         assert self.stream is not None
         task, names = self.classifier.task, self.classifier.class_names
-        csv.writer(self.stream).writerows([self.paths[index], *task.prediction_cells(row, names)]
-                                          for index, row in zip(prediction["indices"], prediction["decoded"],
-                                                                strict=True))
+        csv.writer(self.stream).writerows(
+            [self.paths[index], *task.prediction_cells(row, names)]
+            for index, row in zip(prediction["indices"], prediction["decoded"], strict=True)
+        )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stream is not None:
@@ -55,9 +64,15 @@ class PredictionsCsv(BasePredictionWriter):
             self.stream = None
 
 
-def predict_files(classifier: Classifier, paths: list[Path], tta: str = "none", batch_size: int = 32,
-                  num_workers: int = 0, device: str = "auto", out_csv: Path | None = None,
-                  ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+def predict_files(
+    classifier: Classifier,
+    paths: list[Path],
+    tta: str = "none",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    out_csv: Path | None = None,
+) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """(decoded outputs of the readable files, their indices into ``paths``, [(index, error)] of the
     others); with ``out_csv``, predictions.csv written there as it goes."""
     dataset = FileDataset(paths, classifier.transform, tuple(classifier.input_config["size"]))
@@ -76,18 +91,36 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(cfg.ckpt)
     paths = find_images(str(cfg.inputs))
-    log.info("Predicting %d file(s) from %s with %s (%s), tta=%s", len(paths), cfg.inputs, classifier.backbone,
-             Path(cfg.ckpt).name, cfg.tta)
-    probabilities, indices, unreadable = predict_files(classifier, paths, cfg.tta, cfg.batch_size, cfg.num_workers,
-                                                       cfg.device, out_dir / "predictions.csv")
+    log.info(
+        "Predicting %d file(s) from %s with %s (%s), tta=%s",
+        len(paths),
+        cfg.inputs,
+        classifier.backbone,
+        Path(cfg.ckpt).name,
+        cfg.tta,
+    )
+    probabilities, indices, unreadable = predict_files(
+        classifier, paths, cfg.tta, cfg.batch_size, cfg.num_workers, cfg.device, out_dir / "predictions.csv"
+    )
     if unreadable:
         write_csv(out_dir / "unreadable.csv", ["path", "error"], [(str(paths[i]), error) for i, error in unreadable])
-        log.warning("%d file(s) could not be read; listed in %s:\n%s", len(unreadable), out_dir / "unreadable.csv",
-                    "\n".join(f"  {paths[i]}" for i, _ in unreadable[:10]))
-    summary = {"checkpoint": str(cfg.ckpt), "inputs": str(cfg.inputs), "tta": cfg.tta, "task": classifier.task.name,
-               "files": len(paths), "predicted": len(indices), "unreadable": len(unreadable),
-               # images per predicted class (per tag; for regression the mean value)
-               "per_class": classifier.task.tally(probabilities, classifier.class_names)}
+        log.warning(
+            "%d file(s) could not be read; listed in %s:\n%s",
+            len(unreadable),
+            out_dir / "unreadable.csv",
+            "\n".join(f"  {paths[i]}" for i, _ in unreadable[:10]),
+        )
+    summary = {
+        "checkpoint": str(cfg.ckpt),
+        "inputs": str(cfg.inputs),
+        "tta": cfg.tta,
+        "task": classifier.task.name,
+        "files": len(paths),
+        "predicted": len(indices),
+        "unreadable": len(unreadable),
+        # images per predicted class (per tag; for regression the mean value)
+        "per_class": classifier.task.tally(probabilities, classifier.class_names),
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("Predicted %d file(s): %s -> %s", len(indices), summary["per_class"], out_dir / "predictions.csv")
     return summary

@@ -35,8 +35,15 @@ def lightning_device(device: str) -> tuple[str, int | list[int]]:
 def inference_trainer(device: str = "auto", callbacks: Sequence[L.Callback] = (), progress: bool = False) -> L.Trainer:
     """A Trainer for inference only: one device, no logger, no checkpoints."""
     accelerator, devices = lightning_device(device)
-    return L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
-                     enable_model_summary=False, enable_progress_bar=progress, callbacks=list(callbacks))
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=list(callbacks),
+    )
 
 
 class Predictor(L.LightningModule):
@@ -56,14 +63,23 @@ class Predictor(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         if len(batch) == 3:  # files, some perhaps unreadable
             images, kept, failed = readable_batch(batch[0], batch[1], list(batch[2]))
-            decoded = (self.classifier.probabilities(images, self.tta).cpu() if kept else
-                       torch.empty(0, len(self.classifier.class_names)))
+            decoded = (
+                self.classifier.probabilities(images, self.tta).cpu()
+                if kept
+                else torch.empty(0, len(self.classifier.class_names))
+            )
             return {"decoded": decoded, "indices": kept, "failed": failed}
         return self.classifier.probabilities(batch[0], self.tta).cpu()
 
 
-def decoded_outputs(classifier: Classifier, dataset: Dataset[Any], batch_size: int, num_workers: int,
-                    tta: str = "none", device: str = "auto") -> torch.Tensor:
+def decoded_outputs(
+    classifier: Classifier,
+    dataset: Dataset[Any],
+    batch_size: int,
+    num_workers: int,
+    tta: str = "none",
+    device: str = "auto",
+) -> torch.Tensor:
     """The decoded outputs of every image of ``dataset`` (``(image, target)`` items), in order."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     batches = inference_trainer(device).predict(Predictor(classifier, tta), dataloaders=loader)

@@ -16,8 +16,9 @@ difference and how often the two agree are written to ``quantization.json``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +40,13 @@ class CalibrationBatches:
         return None if batch is None else {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
-def quantize_onnx(fp32_path: Path, int8_path: Path, mode: str, calibration: np.ndarray | None,
-                  input_name: str = "image") -> str:
+def quantize_onnx(
+    fp32_path: Path, int8_path: Path, mode: str, calibration: np.ndarray | None, input_name: str = "image"
+) -> str:
     """Write the INT8 model; returns the mode used ("static" or "dynamic")."""
     if mode not in MODES:
         raise TransferError(f"quantize={mode} is not one of {list(MODES)} (or null).")
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = int8_path.with_name(int8_path.stem + ".prepared.onnx")
@@ -55,10 +56,16 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, mode: str, calibration: np.n
             if calibration is None or not len(calibration):
                 raise TransferError("Static INT8 quantization needs calibration images.")
             try:
-                quantize_static(str(prepared), str(int8_path), CalibrationBatches(calibration, input_name),
-                                quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax)
+                quantize_static(
+                    str(prepared),
+                    str(int8_path),
+                    CalibrationBatches(calibration, input_name),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
                 return "static"
             except TransferError:
                 raise
@@ -70,23 +77,38 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, mode: str, calibration: np.n
         prepared.unlink(missing_ok=True)
 
 
-def compare_on_images(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: Sequence[int],
-                      input_name: str = "image", batch_size: int = 32,
-                      decide: Callable[[np.ndarray], np.ndarray] = lambda logits: logits.argmax(-1),
-                      ) -> dict[str, Any]:
+def compare_on_images(
+    fp32_path: Path,
+    int8_path: Path,
+    images: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    input_name: str = "image",
+    batch_size: int = 32,
+    decide: Callable[[np.ndarray], np.ndarray] = lambda logits: logits.argmax(-1),
+) -> dict[str, Any]:
     """Accuracy of the fp32 and the INT8 model on the same images, their difference and agreement;
     ``decide`` turns the model's outputs into class indices (the run's task; argmax by default)."""
     import onnxruntime
 
     def predictions(path: Path) -> np.ndarray:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return np.concatenate([decide(session.run(None, {input_name: images[i:i + batch_size]})[0])
-                               for i in range(0, len(images), batch_size)])
+        return np.concatenate(
+            [
+                decide(session.run(None, {input_name: images[i : i + batch_size]})[0])
+                for i in range(0, len(images), batch_size)
+            ]
+        )
 
     truth = np.asarray(labels)
     fp32, int8 = predictions(fp32_path), predictions(int8_path)
     # Multi-label decisions (0/1 per tag) count per tag: the share of (image, tag) pairs right.
     fp32_acc, int8_acc = float((fp32 == truth).mean()), float((int8 == truth).mean())
-    return {"images": len(truth), "fp32_acc": fp32_acc, "int8_acc": int8_acc,
-            "acc_delta": int8_acc - fp32_acc, "agreement": float((fp32 == int8).mean()),
-            "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": int8_path.stat().st_size}
+    return {
+        "images": len(truth),
+        "fp32_acc": fp32_acc,
+        "int8_acc": int8_acc,
+        "acc_delta": int8_acc - fp32_acc,
+        "agreement": float((fp32 == int8).mean()),
+        "fp32_bytes": fp32_path.stat().st_size,
+        "int8_bytes": int8_path.stat().st_size,
+    }

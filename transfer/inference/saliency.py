@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transfer.errors import TransferError
+from transfer.model.features import timm_model
 from transfer.tasks import Classification, Task
 
 METHODS = ("gradient", "gradcam")
@@ -26,8 +27,9 @@ def _target(logits: torch.Tensor, target: int | None, task: Task) -> int:
     return task.default_target(task.probabilities(logits.detach())[0]) if target is None else target
 
 
-def gradient_map(model: nn.Module, image: torch.Tensor, target: int | None = None,
-                 task: Task | None = None) -> tuple[np.ndarray, int]:
+def gradient_map(
+    model: nn.Module, image: torch.Tensor, target: int | None = None, task: Task | None = None
+) -> tuple[np.ndarray, int]:
     """(H x W map in [0, 1], the class explained) for one preprocessed CHW image. The score explained
     is the task's (`Task.score`: the class logit for classification)."""
     task = task or Classification()
@@ -40,18 +42,22 @@ def gradient_map(model: nn.Module, image: torch.Tensor, target: int | None = Non
     return _normalise(saliency), target
 
 
-def grad_cam(model: nn.Module, image: torch.Tensor, target: int | None = None,
-             task: Task | None = None) -> tuple[np.ndarray, int]:
+def grad_cam(
+    model: nn.Module, image: torch.Tensor, target: int | None = None, task: Task | None = None
+) -> tuple[np.ndarray, int]:
     """(H x W map in [0, 1], the class explained) for one preprocessed CHW image."""
     task = task or Classification()
+    halves = timm_model(model, "Grad-CAM")
     inputs = image.unsqueeze(0).detach()
     with torch.enable_grad():
-        features = model.forward_features(inputs)
+        features = halves.forward_features(inputs)
         if features.dim() != 4:
-            raise TransferError(f"Grad-CAM needs a convolutional feature map; {type(model).__name__} gives "
-                                f"{tuple(features.shape)} (a transformer?). Use method=gradient.")
+            raise TransferError(
+                f"Grad-CAM needs a convolutional feature map; {type(model).__name__} gives "
+                f"{tuple(features.shape)} (a transformer?). Use method=gradient."
+            )
         features = features.detach().requires_grad_(True)
-        logits = model.forward_head(features)
+        logits = halves.forward_head(features)
         target = _target(logits, target, task)
         (gradient,) = torch.autograd.grad(task.score(logits, target), features)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
@@ -60,8 +66,9 @@ def grad_cam(model: nn.Module, image: torch.Tensor, target: int | None = None,
     return _normalise(cam[0, 0]), target
 
 
-def explain(model: nn.Module, image: torch.Tensor, method: str, target: int | None = None,
-            task: Task | None = None) -> tuple[np.ndarray, int]:
+def explain(
+    model: nn.Module, image: torch.Tensor, method: str, target: int | None = None, task: Task | None = None
+) -> tuple[np.ndarray, int]:
     if method == "gradient":
         return gradient_map(model, image, target, task)
     if method == "gradcam":

@@ -74,13 +74,16 @@ def decode_image(encoded: Any, name: str, max_pixels: int) -> np.ndarray:
     except Exception as error:
         raise bad_request(400, f"{name}: not an image ({type(error).__name__}: {error}).") from None
     if width * height > max_pixels:
-        raise bad_request(413, f"{name}: {width}x{height} pixels is more than this server accepts "
-                               f"({max_pixels:,}); send a smaller image.")
+        raise bad_request(
+            413,
+            f"{name}: {width}x{height} pixels is more than this server accepts ({max_pixels:,}); send a smaller image.",
+        )
     try:
         return rgb_from_bytes(data, name)
     except ImageReadError as error:
-        raise bad_request(400, f"{name}: the image cannot be decoded (truncated or corrupt): "
-                               f"{error.__cause__ or error}") from None
+        raise bad_request(
+            400, f"{name}: the image cannot be decoded (truncated or corrupt): {error.__cause__ or error}"
+        ) from None
 
 
 def images_in(request: Any, single: bool) -> list[Any]:
@@ -106,8 +109,10 @@ def describe(classifier: Any, probabilities: torch.Tensor) -> list[dict[str, Any
 
 def pixels_message(rgb: np.ndarray) -> dict[str, Any]:
     """An image as the middleware hands it to a worker: its resized and cropped 8-bit pixels."""
-    return {"pixels": base64.b64encode(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).decode("ascii"),
-            "shape": list(rgb.shape)}
+    return {
+        "pixels": base64.b64encode(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()).decode("ascii"),
+        "shape": list(rgb.shape),
+    }
 
 
 def pixels_of(message: Mapping[str, Any]) -> np.ndarray:
@@ -128,7 +133,8 @@ class ModelAPI(ls.LitAPI):
         self.normalise = A.Compose(finishing(self.classifier.input_config))
 
     def tensor(self, message: Mapping[str, Any]) -> torch.Tensor:
-        return self.normalise(image=pixels_of(message))["image"]  # type: ignore[no-any-return]
+        image: torch.Tensor = self.normalise(image=pixels_of(message))["image"]
+        return image
 
 
 class PredictAPI(ModelAPI):
@@ -137,7 +143,7 @@ class PredictAPI(ModelAPI):
     def __init__(self, ckpt: str, tta: str, **litapi: Any) -> None:
         super().__init__(ckpt, tta, "/predict", **litapi)
 
-    def decode_request(self, request):  # noqa: ANN001 (LitServe passes the parsed JSON)
+    def decode_request(self, request):
         return torch.stack([self.tensor(message) for message in request["images"]])
 
     def batch(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -164,7 +170,7 @@ class ExplainAPI(ModelAPI):
     def __init__(self, ckpt: str, tta: str, **litapi: Any) -> None:
         super().__init__(ckpt, tta, "/explain", **litapi)
 
-    def decode_request(self, request):  # noqa: ANN001
+    def decode_request(self, request):
         return self.tensor(request["image"])
 
     def predict(self, image: torch.Tensor) -> dict[str, Any]:
@@ -178,16 +184,21 @@ class ExplainAPI(ModelAPI):
             saliency, _ = explain(self.classifier.model, image, "gradient", task=self.classifier.task)
             method = "gradient"
         picture = overlay(model_view(image, self.classifier.input_config), saliency)
-        return {"prediction": describe(self.classifier, probabilities)[0], "method": method,
-                "overlay_png": png_base64(picture)}
+        return {
+            "prediction": describe(self.classifier, probabilities)[0],
+            "method": method,
+            "overlay_png": png_base64(picture),
+        }
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
         return output
 
 
 def make_apis(ckpt: str, tta: str = "none", max_batch_size: int = 8, batch_timeout: float = 0.01) -> list[ls.LitAPI]:
-    return [PredictAPI(ckpt, tta, max_batch_size=max_batch_size, batch_timeout=batch_timeout),
-            ExplainAPI(ckpt, tta, max_batch_size=1)]
+    return [
+        PredictAPI(ckpt, tta, max_batch_size=max_batch_size, batch_timeout=batch_timeout),
+        ExplainAPI(ckpt, tta, max_batch_size=1),
+    ]
 
 
 class CheckedRequests:
@@ -232,8 +243,10 @@ class CheckedRequests:
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise bad_request(400, f"The body is not valid JSON: {error}.") from None
             single = self.paths[scope["path"]]
-            images = [await run_in_threadpool(self.prepared, image, "image" if single else f"images[{index}]")
-                      for index, image in enumerate(images_in(payload, single))]
+            images = [
+                await run_in_threadpool(self.prepared, image, "image" if single else f"images[{index}]")
+                for index, image in enumerate(images_in(payload, single))
+            ]
             body = json.dumps({"image": images[0]} if single else {"images": images}).encode()
         except HTTPException as error:
             await JSONResponse({"detail": error.detail}, status_code=error.status_code)(scope, receive, send)
@@ -261,8 +274,12 @@ def png_base64(picture: np.ndarray) -> str:
 
 def model_info(ckpt: str) -> dict[str, Any]:
     state = read_checkpoint(ckpt)["transfer"]
-    return {"checkpoint": str(ckpt), "backbone": state["backbone"], "classes": state["class_names"],
-            "input": state["input_config"]}
+    return {
+        "checkpoint": str(ckpt),
+        "backbone": state["backbone"],
+        "classes": state["class_names"],
+        "input": state["input_config"],
+    }
 
 
 def build_server(cfg: DictConfig) -> Any:
@@ -271,12 +288,24 @@ def build_server(cfg: DictConfig) -> Any:
 
     apis = make_apis(str(cfg.ckpt), cfg.tta, cfg.max_batch_size, cfg.batch_timeout)
     info = model_info(str(cfg.ckpt))
-    checked = (CheckedRequests, {"paths": {"/predict": False, "/explain": True}, "max_pixels": cfg.max_image_pixels,
-                                 "input_config": info["input"]})
-    server = ls.LitServer(apis, accelerator=cfg.accelerator, devices=cfg.devices,
-                          workers_per_device=cfg.workers_per_device, timeout=cfg.timeout,
-                          max_payload_size=int(cfg.max_body_mb * 1024 * 1024), model_metadata=info,
-                          middlewares=[checked])
+    checked = (
+        CheckedRequests,
+        {
+            "paths": {"/predict": False, "/explain": True},
+            "max_pixels": cfg.max_image_pixels,
+            "input_config": info["input"],
+        },
+    )
+    server = ls.LitServer(
+        apis,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        workers_per_device=cfg.workers_per_device,
+        timeout=cfg.timeout,
+        max_payload_size=int(cfg.max_body_mb * 1024 * 1024),
+        model_metadata=info,
+        middlewares=[checked],
+    )
     page = PAGE.read_text()
     # LitServe answers "/" with "litserve running": the page takes its place.
     server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
@@ -288,8 +317,12 @@ def serve(cfg: DictConfig) -> None:
     if not Path(cfg.ckpt).expanduser().is_file():
         raise TransferError(f"Checkpoint '{cfg.ckpt}' does not exist; pass ckpt=PATH to a .ckpt file.")
     server = build_server(cfg)
-    log.info("Serving %s on http://%s:%d/ (API: POST /predict, POST /explain; GET /info, /health)",
-             cfg.ckpt, cfg.host, cfg.port)
+    log.info(
+        "Serving %s on http://%s:%d/ (API: POST /predict, POST /explain; GET /info, /health)",
+        cfg.ckpt,
+        cfg.host,
+        cfg.port,
+    )
     server.run(host=cfg.host, port=cfg.port, generate_client_file=False)
 
 
@@ -297,17 +330,14 @@ def stop_server_process(process: Any) -> None:
     """Stop a ``serve.py`` started with ``start_new_session=True`` and its LitServe worker processes:
     Ctrl-C to the whole group (a clean shutdown), then SIGKILL for anything left. ``terminate()``
     on the main process alone leaves the workers running."""
+    import contextlib
     import os
     import signal
     import subprocess
 
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired, ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=20)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=20)

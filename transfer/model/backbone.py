@@ -30,11 +30,18 @@ def check_model_name(name: str) -> None:
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise TransferError(
         f"Unknown backbone '{name}'.{hint} List all with python -c \"import timm; "
-        f"print(timm.list_models('*{name.split('_')[0]}*'))\".")
+        f"print(timm.list_models('*{name.split('_')[0]}*'))\"."
+    )
 
 
-def create_backbone(name: str, num_classes: int, weights: str | None = "auto", splitter: object = None,
-                    coarse_blocks: bool = True, **model_kwargs: Any) -> nn.Module:
+def create_backbone(
+    name: str,
+    num_classes: int,
+    weights: str | None = "auto",
+    splitter: object = None,
+    coarse_blocks: bool = True,
+    **model_kwargs: Any,
+) -> nn.Module:
     """A timm classifier for ``num_classes`` classes.
 
     ``weights`` is where its pretrained weights come from: ``auto`` (packaged if a package ships
@@ -76,19 +83,27 @@ def _from_timm_folder(name: str, num_classes: int, source: str, **model_kwargs: 
     folder = Path(source.removeprefix("local-dir:")).expanduser()
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise WeightsUnavailableError(f"backbone.weights={source}: no config.json in '{folder}' (timm's "
-                                      "format: config.json + model.safetensors, as export.py writes).")
+        raise WeightsUnavailableError(
+            f"backbone.weights={source}: no config.json in '{folder}' (timm's "
+            "format: config.json + model.safetensors, as export.py writes)."
+        )
     architecture = json.loads(config_path.read_text()).get("architecture")
     if architecture != name:
-        raise TransferError(f"backbone.weights={source} holds a '{architecture}', not backbone.name={name}: "
-                            f"pass backbone=timm backbone.name={architecture}.")
+        raise TransferError(
+            f"backbone.weights={source} holds a '{architecture}', not backbone.name={name}: "
+            f"pass backbone=timm backbone.name={architecture}."
+        )
     model = timm.create_model(f"local-dir:{folder}", pretrained=True, **model_kwargs)
-    if model.num_classes != num_classes:
-        model.reset_classifier(num_classes)
+    if getattr(model, "num_classes", None) != num_classes:
+        getattr(model, "reset_classifier")(num_classes)  # noqa: B009 (timm's, on an nn.Module)
         weights_lib.reset_head(model)
-    log.info("Backbone %s: weights from %s (%d classes there; head %s)", name, folder,
-             model.pretrained_cfg.get("num_classes") or 0,
-             "kept" if model.pretrained_cfg.get("num_classes") == num_classes else "new")
+    log.info(
+        "Backbone %s: weights from %s (%d classes there; head %s)",
+        name,
+        folder,
+        weights_lib.pretrained_cfg(model).get("num_classes") or 0,
+        "kept" if weights_lib.pretrained_cfg(model).get("num_classes") == num_classes else "new",
+    )
     return model
 
 
@@ -104,14 +119,19 @@ def _from_hub(name: str, source: str, num_classes: int, **model_kwargs: Any) -> 
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         where = "the hub is unreachable and they are not in the local cache" if not online else reason
         raise WeightsUnavailableError(
-            f"Pretrained weights for '{source}' could not be loaded from the timm hub: {where}. "
-            f"{weights_lib.WAYS_OUT}") from error
-    architecture = model.pretrained_cfg.get("architecture")
+            f"Pretrained weights for '{source}' could not be loaded from the timm hub: {where}. {weights_lib.WAYS_OUT}"
+        ) from error
+    architecture = weights_lib.pretrained_cfg(model).get("architecture")
     if source != name and architecture != name:
-        raise TransferError(f"backbone.weights={source} holds a '{architecture}', not backbone.name={name}: "
-                            f"pass backbone=timm backbone.name={architecture}.")
-    if num_classes != model.pretrained_cfg.get("num_classes"):
+        raise TransferError(
+            f"backbone.weights={source} holds a '{architecture}', not backbone.name={name}: "
+            f"pass backbone=timm backbone.name={architecture}."
+        )
+    if num_classes != weights_lib.pretrained_cfg(model).get("num_classes"):
         weights_lib.reset_head(model)
-    log.info("Backbone %s: pretrained weights from the timm hub (%s)", name,
-             model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url") or source)
+    log.info(
+        "Backbone %s: pretrained weights from the timm hub (%s)",
+        name,
+        weights_lib.pretrained_cfg(model).get("hf_hub_id") or weights_lib.pretrained_cfg(model).get("url") or source,
+    )
     return model

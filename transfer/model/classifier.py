@@ -28,13 +28,13 @@ from transfer.tasks import Classification, Task, task_from_state
 
 @dataclass
 class Classifier:
-    model: nn.Module            # in eval mode
+    model: nn.Module  # in eval mode
     class_names: list[str]
     input_config: dict[str, Any]
     backbone: str
     checkpoint: str
     symmetries: list[str] = field(default_factory=list)  # flips and turns it was trained with
-    task: Task = field(default_factory=Classification)   # decodes outputs into class probabilities
+    task: Task = field(default_factory=Classification)  # decodes outputs into class probabilities
 
     @property
     def device(self) -> torch.device:
@@ -49,8 +49,11 @@ class Classifier:
     def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """Class probabilities (the task's decoding) for a preprocessed NCHW batch, averaged over the
         TTA views (``auto``: the flips and turns the model was trained with, `transfer.model.tta`)."""
-        return average_views(lambda views: self.task.probabilities(self.model(views)), images.to(self.device),
-                             tta_symmetries(tta, self.symmetries))
+        return average_views(
+            lambda views: self.task.probabilities(self.model(views)),
+            images.to(self.device),
+            tta_symmetries(tta, self.symmetries),
+        )
 
     def predicted(self, probabilities: torch.Tensor) -> torch.Tensor:
         """One class index per image (argmax; the median grade for task=ordinal)."""
@@ -64,19 +67,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents (tensors and plain values only: nothing in it is executed)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TransferError(f"Checkpoint '{path}' does not exist; pass ckpt=PATH to a .ckpt file from a "
-                            "run's checkpoints/ folder (results.json names the best one).")
+        raise TransferError(
+            f"Checkpoint '{path}' does not exist; pass ckpt=PATH to a .ckpt file from a "
+            "run's checkpoints/ folder (results.json names the best one)."
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "transfer" not in checkpoint or "state_dict" not in checkpoint:
-        raise TransferError(f"'{path}' was not written by transfer's train.py (no class names or "
-                            "backbone recorded in it).")
+        raise TransferError(
+            f"'{path}' was not written by transfer's train.py (no class names or backbone recorded in it)."
+        )
     return checkpoint
 
 
 def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The timm model's own state dict (the LightningModule stores it under ``model.``)."""
-    return {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()
-            if key.startswith("model.")}
+    return {
+        key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")
+    }
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
@@ -84,12 +91,23 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     state = checkpoint["transfer"]
     check_model_name(state["backbone"])
     task = task_from_state(state.get("task"))
-    model = timm.create_model(state["backbone"], pretrained=False, num_classes=task.outputs(len(state["class_names"])),
-                              **state.get("model_kwargs", {}))
+    model = timm.create_model(
+        state["backbone"],
+        pretrained=False,
+        num_classes=task.outputs(len(state["class_names"])),
+        **state.get("model_kwargs", {}),
+    )
     model.load_state_dict(model_state(checkpoint))
     model.eval().to(device)
-    return Classifier(model, list(state["class_names"]), dict(state["input_config"]), state["backbone"], str(path),
-                      list(state.get("symmetries", [])), task)
+    return Classifier(
+        model,
+        list(state["class_names"]),
+        dict(state["input_config"]),
+        state["backbone"],
+        str(path),
+        list(state.get("symmetries", [])),
+        task,
+    )
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -10,15 +10,15 @@ them do not change.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch.nn as nn
 from timm.models import group_parameters
 
 from transfer.errors import ScheduleError
 from transfer.model.weights import head_names, is_head_key
-
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's subclass these
 NORM_TYPES = (*BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
@@ -51,7 +51,8 @@ def split_groups(model: nn.Module, splitter: Splitter) -> list[list[str]]:
         raise ScheduleError(
             f"backbone.splitter must return at least two groups (the last one the head) that hold every "
             f"parameter once; got {len(groups)} group(s), {len(missing)} parameter(s) in none "
-            f"({missing[:3]}), {len(seen) - len(set(seen))} in several.")
+            f"({missing[:3]}), {len(seen) - len(set(seen))} in several."
+        )
     return groups
 
 
@@ -69,10 +70,10 @@ def backbone_blocks(model: nn.Module, coarse: bool = True, splitter: Splitter | 
         return split_groups(model, splitter)[:-1]
     heads = head_names(model)
     if hasattr(model, "group_matcher"):
-        groups = list(group_parameters(model, model.group_matcher(coarse=coarse)).values())
+        matcher = getattr(model, "group_matcher")  # noqa: B009 (timm's, on an nn.Module)
+        groups = list(group_parameters(model, matcher(coarse=coarse)).values())
     else:
-        groups = [[f"{child}.{n}" for n, _ in module.named_parameters()]
-                  for child, module in model.named_children()]
+        groups = [[f"{child}.{n}" for n, _ in module.named_parameters()] for child, module in model.named_children()]
     blocks = [block for block in ([n for n in names if not is_head_key(n, heads)] for names in groups) if block]
     if len(blocks) > 1 and all(is_norm_parameter(model, name) for name in blocks[-1]):
         blocks[-2:] = [blocks[-2] + blocks[-1]]
@@ -119,11 +120,11 @@ def head_parameter_names(model: nn.Module, splitter: Splitter | None = None) -> 
 class Trainable:
     """What one stage trains, for logs and summaries."""
 
-    blocks: int          # backbone blocks unfrozen
+    blocks: int  # backbone blocks unfrozen
     total_blocks: int
     trainable_params: int
     frozen_params: int
-    groups: tuple[str, ...] = ()   # what trains, by module: "head: classifier", then each unfrozen block
+    groups: tuple[str, ...] = ()  # what trains, by module: "head: classifier", then each unfrozen block
 
     def describe(self) -> str:
         if self.blocks == 0:
@@ -133,31 +134,32 @@ class Trainable:
         else:
             part = f"head + last {self.blocks} of {self.total_blocks} blocks ({', '.join(self.groups[1:])})"
         total = self.trainable_params + self.frozen_params
-        return (f"{part}; params total {total:,}, trainable {self.trainable_params:,}, "
-                f"frozen {self.frozen_params:,}")
+        return f"{part}; params total {total:,}, trainable {self.trainable_params:,}, frozen {self.frozen_params:,}"
 
 
 def resolve_unfreeze(unfreeze: int | str, total_blocks: int) -> int:
     if unfreeze == "all":
         return total_blocks
     if not isinstance(unfreeze, int) or isinstance(unfreeze, bool) or unfreeze < 0:
-        raise ScheduleError(f"A stage's unfreeze must be 0 (head only), a number of blocks or 'all', "
-                            f"not {unfreeze!r}.")
+        raise ScheduleError(f"A stage's unfreeze must be 0 (head only), a number of blocks or 'all', not {unfreeze!r}.")
     if unfreeze > total_blocks:
-        raise ScheduleError(f"The schedule unfreezes {unfreeze} blocks but this model has "
-                            f"{total_blocks}; use at most {total_blocks} or 'all'.")
+        raise ScheduleError(
+            f"The schedule unfreezes {unfreeze} blocks but this model has "
+            f"{total_blocks}; use at most {total_blocks} or 'all'."
+        )
     return unfreeze
 
 
-def plan_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True,
-                   splitter: Splitter | None = None) -> tuple[set[str], Trainable]:
+def plan_trainable(
+    model: nn.Module, unfreeze: int | str, coarse: bool = True, splitter: Splitter | None = None
+) -> tuple[set[str], Trainable]:
     """The parameter names that train with the head plus the last ``unfreeze`` blocks (``"all"``:
     everything), and their summary; the model is not changed. ``splitter`` replaces timm's groups."""
     blocks = backbone_blocks(model, coarse, splitter)
     count = resolve_unfreeze(unfreeze, len(blocks))
     head = head_parameter_names(model, splitter)
     trainable = set(head)
-    unfrozen = blocks[len(blocks) - count:]
+    unfrozen = blocks[len(blocks) - count :]
     for block in unfrozen:
         trainable.update(block)
     if count == len(blocks):  # parameters outside every group (rare) train with "all"
@@ -169,8 +171,9 @@ def plan_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True,
     return trainable, Trainable(count, len(blocks), sizes[True], sizes[False], groups)
 
 
-def set_trainable(model: nn.Module, unfreeze: int | str, coarse: bool = True,
-                  splitter: Splitter | None = None) -> Trainable:
+def set_trainable(
+    model: nn.Module, unfreeze: int | str, coarse: bool = True, splitter: Splitter | None = None
+) -> Trainable:
     """Train the head plus the last ``unfreeze`` blocks (``"all"``: everything); freeze the rest."""
     trainable, summary = plan_trainable(model, unfreeze, coarse, splitter)
     for name, param in model.named_parameters():
@@ -187,7 +190,5 @@ def freeze_frozen_modules(model: nn.Module, norm_layers_too: bool = False) -> No
     """
     for module in model.modules():
         params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
-            module.eval()
-        elif norm_layers_too and isinstance(module, BATCH_NORMS):
+        if params and not any(p.requires_grad for p in params) or norm_layers_too and isinstance(module, BATCH_NORMS):
             module.eval()

@@ -14,7 +14,7 @@ from timm.scheduler.scheduler import Scheduler as TimmScheduler
 from torchmetrics import MeanMetric
 from torchmetrics.aggregation import CatMetric
 
-from transfer.model.features import classify_features
+from transfer.model.features import TimmModel, classify_features, timm_model
 from transfer.model.freezing import Splitter, Trainable, freeze_frozen_modules, set_trainable
 from transfer.model.optim import build_optimizer
 from transfer.model.stage import Stage
@@ -34,8 +34,9 @@ def compile_in_place(model: nn.Module) -> None:
     Compiling the methods (not wrapping the module) keeps checkpoints, DDP and the head-only path,
     which calls ``forward_features`` directly, as they are.
     """
-    model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
-    model.forward_head = torch.compile(model.forward_head)  # type: ignore[method-assign]
+    halves = timm_model(model, "runtime.compile")
+    setattr(model, "forward_features", torch.compile(halves.forward_features))  # noqa: B010 (an nn.Module's)
+    setattr(model, "forward_head", torch.compile(halves.forward_head))  # noqa: B010
 
 
 def gathered_outputs() -> CatMetric:
@@ -52,13 +53,26 @@ class ClassifierModule(L.LightningModule):
     on its own (`transfer.model.classifier.load_classifier`).
     """
 
-    def __init__(self, model: nn.Module, class_names: Sequence[str],
-                 optimizer: Callable[..., torch.optim.Optimizer], backbone_name: str,
-                 input_config: dict[str, Any], model_kwargs: dict[str, Any] | None = None,
-                 task: Task | None = None, class_weights: Sequence[float] | None = None,
-                 channels_last: bool = False, coarse_blocks: bool = True, compile_model: bool = False,
-                 mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 splitter: Splitter | None = None, symmetries: Sequence[str] = (), tta: str = "none") -> None:
+    class_weights: torch.Tensor | None  # a buffer: the loss's weight per class, on the model's device
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        backbone_name: str,
+        input_config: dict[str, Any],
+        model_kwargs: dict[str, Any] | None = None,
+        task: Task | None = None,
+        class_weights: Sequence[float] | None = None,
+        channels_last: bool = False,
+        coarse_blocks: bool = True,
+        compile_model: bool = False,
+        mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        splitter: Splitter | None = None,
+        symmetries: Sequence[str] = (),
+        tta: str = "none",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "mixup", "splitter", "task"])
         self.model = model
@@ -118,14 +132,19 @@ class ClassifierModule(L.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.features_cached:
-            return classify_features(self.model, inputs)
-        if (self.training and self.trainable is not None and self.trainable.blocks == 0
-                and hasattr(self.model, "forward_features") and self.splitter is None):
+            return classify_features(timm_model(self.model, "feature_cache"), inputs)
+        if (
+            self.training
+            and self.trainable is not None
+            and self.trainable.blocks == 0
+            and isinstance(self.model, TimmModel)
+            and self.splitter is None
+        ):
             # Head only: the frozen backbone runs without autograd bookkeeping at all.
             with torch.inference_mode():
                 features = self.model.forward_features(inputs)
-            return self.model.forward_head(features.clone())  # type: ignore[no-any-return]
-        return self.model(inputs)  # type: ignore[no-any-return]
+            return self.model.forward_head(features.clone())
+        return self.model(inputs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         inputs, labels = batch
@@ -171,7 +190,9 @@ class ClassifierModule(L.LightningModule):
         self.log(f"train/{self.train_metric_name}", self.train_metric, on_step=False, on_epoch=True)
         return loss
 
-    def _evaluation_step(self, batch: Any, loss_metric: MeanMetric, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluation_step(
+        self, batch: Any, loss_metric: MeanMetric, tta: str = "none"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded outputs and targets of a batch (padding included: `gathered` leaves it out), its
         mean loss over the real images into the loss metric.
 
@@ -185,8 +206,12 @@ class ClassifierModule(L.LightningModule):
         weights = self.class_weights[labels[real]] if self.class_weights is not None else real.float()
         count = weights.sum()
         loss_metric.update(total / count.clamp(min=1e-12), weight=count)
-        decoded = average_views(lambda views: self.task.probabilities(self(views)), images,
-                                tta_symmetries(tta, self.symmetries), as_they_are=self.task.probabilities(logits))
+        decoded = average_views(
+            lambda views: self.task.probabilities(self(views)),
+            images,
+            tta_symmetries(tta, self.symmetries),
+            as_they_are=self.task.probabilities(logits),
+        )
         return decoded, labels
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -218,23 +243,33 @@ class ClassifierModule(L.LightningModule):
             decoded, targets = self.gathered(self.val_outputs, self.val_targets)
             self.task.learn_from_validation(decoded, targets)
             # The same values on every process; sync_dist only keeps Lightning's DDP check quiet.
-            self.log_dict(self.task.metrics(len(self.class_names), "val/").to(decoded.device)(decoded, targets),
-                          prog_bar=True, sync_dist=True)
+            self.log_dict(
+                self.task.metrics(len(self.class_names), "val/").to(decoded.device)(decoded, targets),
+                prog_bar=True,
+                sync_dist=True,
+            )
         self.log("stage", float(self.stage_index))
 
     def on_test_epoch_end(self) -> None:
         decoded, targets = self.gathered(self.test_outputs, self.test_targets)
-        self.log_dict(self.task.metrics(len(self.class_names), "test/").to(decoded.device)(decoded, targets),
-                      sync_dist=True)
+        self.log_dict(
+            self.task.metrics(len(self.class_names), "test/").to(decoded.device)(decoded, targets), sync_dist=True
+        )
         confusion = self.task.confusion(len(self.class_names))
-        self.test_confusion = (None if confusion is None else
-                               confusion.to(decoded.device)(self.task.predicted(decoded), targets).tolist())
+        self.test_confusion = (
+            None if confusion is None else confusion.to(decoded.device)(self.task.predicted(decoded), targets).tolist()
+        )
 
     def configure_optimizers(self) -> Any:
         assert self.stage is not None, "set_stage before fitting"
         total_steps = int(self.trainer.estimated_stepping_batches)
-        return build_optimizer(self.model, self.stage, self.optimizer_factory, total_steps,
-                               steps_per_epoch=total_steps / max(1, self.trainer.max_epochs or 1))
+        return build_optimizer(
+            self.model,
+            self.stage,
+            self.optimizer_factory,
+            total_steps,
+            steps_per_epoch=total_steps / max(1, self.trainer.max_epochs or 1),
+        )
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
         """timm's schedulers are stepped with the count of optimizer steps done; others (Lightning's
@@ -246,17 +281,19 @@ class ClassifierModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         assert self.stage is not None
-        checkpoint.setdefault("transfer", {}).update({
-            "format": CHECKPOINT_FORMAT,
-            "stage_index": self.stage_index,
-            "stage_name": self.stage.name,
-            "class_names": self.class_names,
-            "backbone": self.hparams.backbone_name,
-            "model_kwargs": dict(self.hparams.model_kwargs or {}),  # timm.create_model arguments
-            "input_config": self.hparams.input_config,
-            "symmetries": self.symmetries,
-            "task": task_record(self.task),
-        })
+        checkpoint.setdefault("transfer", {}).update(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "stage_index": self.stage_index,
+                "stage_name": self.stage.name,
+                "class_names": self.class_names,
+                "backbone": self.hparams["backbone_name"],
+                "model_kwargs": dict(self.hparams["model_kwargs"] or {}),  # timm.create_model arguments
+                "input_config": self.hparams["input_config"],
+                "symmetries": self.symmetries,
+                "task": task_record(self.task),
+            }
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("transfer", {})

@@ -32,20 +32,32 @@ def param_groups(model: nn.Module, stage: Stage, weight_decay: float) -> list[di
     return groups
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, stage: Stage, total_steps: int,
-                    warmup_steps: int) -> CosineLRScheduler:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, stage: Stage, total_steps: int, warmup_steps: int
+) -> CosineLRScheduler:
     """The stage's schedule over ``total_steps`` optimizer steps, its learning rates already set for
     step 0 (step it with ``step_update(optimizer steps done)``)."""
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=stage.lr * stage.min_lr_ratio,
-        warmup_t=warmup_steps, warmup_lr_init=stage.lr / (warmup_steps + 1), warmup_prefix=True,
-        t_in_epochs=False, cycle_limit=1)
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps),
+        lr_min=stage.lr * stage.min_lr_ratio,
+        warmup_t=warmup_steps,
+        warmup_lr_init=stage.lr / (warmup_steps + 1),
+        warmup_prefix=True,
+        t_in_epochs=False,
+        cycle_limit=1,
+    )
     scheduler.step_update(0)
     return scheduler
 
 
-def build_optimizer(model: nn.Module, stage: Stage, optimizer_factory: Callable[..., torch.optim.Optimizer],
-                    total_steps: int, steps_per_epoch: float) -> dict[str, Any]:
+def build_optimizer(
+    model: nn.Module,
+    stage: Stage,
+    optimizer_factory: Callable[..., torch.optim.Optimizer],
+    total_steps: int,
+    steps_per_epoch: float,
+) -> dict[str, Any]:
     """Lightning's ``configure_optimizers`` answer: optimizer plus a per-step scheduler."""
     weight_decay = getattr(optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
     optimizer = optimizer_factory(param_groups(model, stage, weight_decay), lr=stage.lr)

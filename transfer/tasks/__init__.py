@@ -22,8 +22,12 @@ from transfer.tasks.multilabel import Multilabel
 from transfer.tasks.ordinal import Ordinal
 from transfer.tasks.regression import Regression
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "ordinal": Ordinal, "multilabel": Multilabel,
-                                "regression": Regression}
+TASKS: dict[str, type[Task]] = {
+    "classification": Classification,
+    "ordinal": Ordinal,
+    "multilabel": Multilabel,
+    "regression": Regression,
+}
 
 
 def task_record(task: Task) -> dict[str, Any]:
@@ -44,10 +48,23 @@ def task_from_state(state: dict[str, Any] | None) -> Task:
         try:
             return get_class(path)(**state)
         except (ImportError, AttributeError, ValueError) as error:
-            raise TransferError(f"The checkpoint was trained for task '{name}' ({path}), which cannot be "
-                                f"imported here: {error}. Put its module on the Python path.") from None
-    raise TransferError(f"The checkpoint was trained for task '{name}', which this version does not know; "
-                        f"it knows {sorted(TASKS)}.")
+            raise TransferError(
+                f"The checkpoint was trained for task '{name}' ({path}), which cannot be "
+                f"imported here: {error}. Put its module on the Python path."
+            ) from None
+    raise TransferError(
+        f"The checkpoint was trained for task '{name}', which this version does not know; it knows {sorted(TASKS)}."
+    )
 
 
-__all__ = ["IGNORE", "TASKS", "Classification", "Multilabel", "Ordinal", "Regression", "Task", "task_from_state", "task_record"]
+__all__ = [
+    "IGNORE",
+    "TASKS",
+    "Classification",
+    "Multilabel",
+    "Ordinal",
+    "Regression",
+    "Task",
+    "task_from_state",
+    "task_record",
+]

@@ -38,13 +38,20 @@ class Task(ABC):
         """The head's number of outputs for ``num_classes`` classes."""
 
     @abstractmethod
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-             label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        outputs: torch.Tensor,
+        labels: torch.Tensor,
+        class_weights: torch.Tensor | None,
+        label_smoothing: float,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """The training loss; ``reduction="sum"`` sums over the images whose label is not IGNORE, each
         weighted by its class weight (the module divides by the weights' sum)."""
 
-    def soft_loss(self, outputs: torch.Tensor, soft_targets: torch.Tensor,
-                  class_weights: torch.Tensor | None) -> torch.Tensor:
+    def soft_loss(
+        self, outputs: torch.Tensor, soft_targets: torch.Tensor, class_weights: torch.Tensor | None
+    ) -> torch.Tensor:
         """The loss against mixed (soft) targets, for mixup; tasks that cannot mix refuse."""
         raise TransferError(f"mixup is not available for task={self.name}; drop mixup=... .")
 
@@ -75,8 +82,10 @@ class Task(ABC):
         unchanged by default. A label the task cannot read is an error naming its file (and CSV row)."""
         columns = table.extra.get("label_columns") or []
         if len(columns) > 1:
-            raise DataError(f"data.source.label_column names {len(columns)} columns {columns}; task={self.name} "
-                            "reads one label per image. Use task=multilabel (0/1 columns) or task=regression.")
+            raise DataError(
+                f"data.source.label_column names {len(columns)} columns {columns}; task={self.name} "
+                "reads one label per image. Use task=multilabel (0/1 columns) or task=regression."
+            )
         return table
 
     def fit(self, table: ImageTable, rows: np.ndarray) -> None:
@@ -88,8 +97,9 @@ class Task(ABC):
 
     def train_metric(self, num_classes: int) -> tuple[str, Metric]:
         """The metric logged on training batches (name, metric updated with probabilities and targets)."""
-        return "acc", LambdaInputTransformer(MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE),
-                                             transform_pred=self.predicted)
+        return "acc", LambdaInputTransformer(
+            MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE), transform_pred=self.predicted
+        )
 
     def confusion(self, num_classes: int) -> Metric | None:
         """A confusion matrix of the test split (updated with predicted classes), where one fits."""
@@ -120,12 +130,17 @@ class Task(ABC):
 
     def describe(self, row: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
         best = int(self.predicted(row[None])[0])
-        return {"label": names[best], "confidence": float(row[best]),
-                "probabilities": {name: float(p) for name, p in zip(names, row.tolist())}}
+        return {
+            "label": names[best],
+            "confidence": float(row[best]),
+            "probabilities": {name: float(p) for name, p in zip(names, row.tolist())},
+        }
 
     def tally(self, decoded: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
         """predict's summary: images per predicted class."""
-        counts = torch.bincount(self.predicted(decoded), minlength=len(names)).tolist() if len(decoded) else [0] * len(names)
+        counts = (
+            torch.bincount(self.predicted(decoded), minlength=len(names)).tolist() if len(decoded) else [0] * len(names)
+        )
         return dict(zip(names, counts))
 
     def true_text(self, answer: Any, names: Sequence[str]) -> str:

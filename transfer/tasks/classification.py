@@ -49,13 +49,26 @@ class Classification(Task):
     def outputs(self, num_classes: int) -> int:
         return num_classes
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-             label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(outputs, labels, weight=class_weights, ignore_index=IGNORE,
-                               label_smoothing=label_smoothing, reduction=reduction)
+    def loss(
+        self,
+        outputs: torch.Tensor,
+        labels: torch.Tensor,
+        class_weights: torch.Tensor | None,
+        label_smoothing: float,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        return F.cross_entropy(
+            outputs,
+            labels,
+            weight=class_weights,
+            ignore_index=IGNORE,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
 
-    def soft_loss(self, outputs: torch.Tensor, soft_targets: torch.Tensor,
-                  class_weights: torch.Tensor | None) -> torch.Tensor:
+    def soft_loss(
+        self, outputs: torch.Tensor, soft_targets: torch.Tensor, class_weights: torch.Tensor | None
+    ) -> torch.Tensor:
         return F.cross_entropy(outputs, soft_targets, weight=class_weights)
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ Splits and folds keep every tag's share by iterative stratification (`transfer.d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,8 +54,13 @@ class Multilabel(Task):
     name = "multilabel"
     kind = "tags"
 
-    def __init__(self, labels: Sequence[str] | None = None, separator: str = ";",
-                 pos_weight: str | Sequence[float] | None = None, thresholds: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str] | None = None,
+        separator: str = ";",
+        pos_weight: str | Sequence[float] | None = None,
+        thresholds: Sequence[float] | None = None,
+    ) -> None:
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None and (not self.labels or len(set(self.labels)) != len(self.labels)):
             raise DataError(f"task.labels={self.labels}: give at least one tag, each once.")
@@ -87,34 +92,54 @@ class Multilabel(Task):
             try:
                 parsed.append(self.parse(text))
             except ValueError as error:
-                raise DataError(f"Label '{text}' of {first_row_of(table, index)}: {error}. task=multilabel reads "
-                                f"tags separated by '{self.separator}', or one 0/1 column per tag.") from None
+                raise DataError(
+                    f"Label '{text}' of {first_row_of(table, index)}: {error}. task=multilabel reads "
+                    f"tags separated by '{self.separator}', or one 0/1 column per tag."
+                ) from None
         seen = sorted({tag for tags in parsed for tag in tags})
         tags = self.labels if self.labels is not None else seen
         unknown = [tag for tag in seen if tag not in tags]
         if unknown:
             index = next(i for i, found in enumerate(parsed) if set(found) - set(tags))
-            raise DataError(f"Tag(s) {unknown} are not in task.labels={tags}, e.g. in '{table.class_names[index]}' "
-                            f"of {first_row_of(table, index)}. Fix the labels, or add the tags to task.labels.")
+            raise DataError(
+                f"Tag(s) {unknown} are not in task.labels={tags}, e.g. in '{table.class_names[index]}' "
+                f"of {first_row_of(table, index)}. Fix the labels, or add the tags to task.labels."
+            )
         self.labels = list(tags)
         per_label = np.array([[float(found.get(tag, False)) for tag in tags] for found in parsed], dtype=np.float32)
         # labels stay the index of each image's tag combination: what subsets and samplers balance.
-        return ImageTable(table.paths, table.labels, list(tags), table.splits, table.name,
-                          {**table.extra, "separator": self.separator}, kind="tags", targets=per_label[table.labels])
+        return ImageTable(
+            table.paths,
+            table.labels,
+            list(tags),
+            table.splits,
+            table.name,
+            {**table.extra, "separator": self.separator},
+            kind="tags",
+            targets=per_label[table.labels],
+        )
 
     def fit(self, table: ImageTable, rows: np.ndarray) -> None:
+        assert table.targets is not None, "arrange() made the targets"
         targets = table.targets[rows]
         missing = [tag for tag, count in zip(table.class_names, targets.sum(axis=0)) if count == 0]
         if missing:
-            raise DataError(f"No training image has tag(s) {missing}: the model cannot learn them. Add images, "
-                            "or leave the tags out of task.labels.")
+            raise DataError(
+                f"No training image has tag(s) {missing}: the model cannot learn them. Add images, "
+                "or leave the tags out of task.labels."
+            )
         if self.pos_weight == "balanced":
             positives = targets.sum(axis=0)
             self.pos_weight = np.round((len(targets) - positives) / positives, 6).tolist()
 
     def state(self) -> dict[str, Any]:
-        return {"name": self.name, "labels": self.labels, "separator": self.separator,
-                "pos_weight": self.pos_weight, "thresholds": self.thresholds}
+        return {
+            "name": self.name,
+            "labels": self.labels,
+            "separator": self.separator,
+            "pos_weight": self.pos_weight,
+            "thresholds": self.thresholds,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.thresholds = state.get("thresholds")
@@ -123,16 +148,22 @@ class Multilabel(Task):
     def outputs(self, num_classes: int) -> int:
         return num_classes
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-             label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        outputs: torch.Tensor,
+        labels: torch.Tensor,
+        class_weights: torch.Tensor | None,
+        label_smoothing: float,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         real = self.real(labels)
         outputs, targets = outputs[real].float(), labels[real].float()
         if label_smoothing:
             targets = targets * (1.0 - label_smoothing) + label_smoothing / 2
-        weight = (torch.tensor(self.pos_weight, device=outputs.device)
-                  if isinstance(self.pos_weight, list) else None)
-        per_image = F.binary_cross_entropy_with_logits(outputs, targets, pos_weight=weight,
-                                                       reduction="none").mean(dim=-1)
+        weight = torch.tensor(self.pos_weight, device=outputs.device) if isinstance(self.pos_weight, list) else None
+        per_image = F.binary_cross_entropy_with_logits(outputs, targets, pos_weight=weight, reduction="none").mean(
+            dim=-1
+        )
         return per_image.sum() if reduction == "sum" else per_image.mean() if len(per_image) else per_image.sum()
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -147,19 +178,20 @@ class Multilabel(Task):
         return (probabilities >= self.threshold_tensor(probabilities)).long()
 
     def learn_from_validation(self, probabilities: torch.Tensor, targets: torch.Tensor) -> None:
-        probabilities, targets = probabilities.float().cpu().numpy(), targets.cpu().numpy() >= 0.5
-        self.thresholds = [round(best_f1_threshold(probabilities[:, k], targets[:, k]), 6)
-                           for k in range(probabilities.shape[1])]
+        scores, positives = probabilities.float().cpu().numpy(), targets.cpu().numpy() >= 0.5
+        self.thresholds = [round(best_f1_threshold(scores[:, k], positives[:, k]), 6) for k in range(scores.shape[1])]
 
     def at_thresholds(self, metric: Metric) -> Metric:
         """``metric`` of the decisions `predicted` makes (its own 0.5 then reads them unchanged)."""
-        return LambdaInputTransformer(metric, transform_pred=lambda p: self.predicted(p).float(),
-                                      transform_target=lambda t: t.long())
+        return LambdaInputTransformer(
+            metric, transform_pred=lambda p: self.predicted(p).float(), transform_target=lambda t: t.long()
+        )
 
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
-        def scores(average: str) -> Metric:
-            return LambdaInputTransformer(MultilabelAveragePrecision(num_classes, average=average),
-                                          transform_target=lambda t: t.long())
+        def scores(average: Literal["micro", "macro"]) -> Metric:
+            return LambdaInputTransformer(
+                MultilabelAveragePrecision(num_classes, average=average), transform_target=lambda t: t.long()
+            )
 
         return MetricCollection(
             {
@@ -168,7 +200,8 @@ class Multilabel(Task):
                 "f1": self.at_thresholds(MultilabelF1Score(num_classes, average="macro")),
                 "f1_micro": self.at_thresholds(MultilabelF1Score(num_classes, average="micro")),
             },
-            prefix=prefix, compute_groups=False,
+            prefix=prefix,
+            compute_groups=False,
         )
 
     def train_metric(self, num_classes: int) -> tuple[str, Metric]:
@@ -184,8 +217,10 @@ class Multilabel(Task):
         return outputs[0, target]
 
     def describe_output(self) -> str:
-        return (f"one logit per tag; sigmoid gives each tag's probability, and a tag is predicted at or above "
-                f"its threshold {self.thresholds or 0.5} (chosen on validation)")
+        return (
+            f"one logit per tag; sigmoid gives each tag's probability, and a tag is predicted at or above "
+            f"its threshold {self.thresholds or 0.5} (chosen on validation)"
+        )
 
     # --- outputs ------------------------------------------------------------------------------
     def tags_of(self, row: torch.Tensor, names: Sequence[str]) -> list[str]:
@@ -198,9 +233,11 @@ class Multilabel(Task):
         return [self.separator.join(self.tags_of(row, names)), *[f"{float(p):.6f}" for p in row]]
 
     def describe(self, row: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
-        return {"tags": self.tags_of(row, names),
-                "probabilities": {name: float(p) for name, p in zip(names, row.tolist())},
-                "thresholds": dict(zip(names, self.threshold_tensor(row).tolist()))}
+        return {
+            "tags": self.tags_of(row, names),
+            "probabilities": {name: float(p) for name, p in zip(names, row.tolist())},
+            "thresholds": dict(zip(names, self.threshold_tensor(row).tolist())),
+        }
 
     def tally(self, decoded: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
         """predict's summary: images predicted to have each tag."""

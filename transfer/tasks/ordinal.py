@@ -49,8 +49,9 @@ class Ordinal(Task):
 
     name = "ordinal"
 
-    def __init__(self, levels: Sequence[str] | None = None, label_smoothing: float = 0.0,
-                 class_weights: str | None = None) -> None:
+    def __init__(
+        self, levels: Sequence[str] | None = None, label_smoothing: float = 0.0, class_weights: str | None = None
+    ) -> None:
         self.label_smoothing = float(label_smoothing)
         self.class_weights = check_class_weights(class_weights)
         self.levels = list(levels) if levels is not None else None
@@ -65,11 +66,13 @@ class Ordinal(Task):
         unknown = [name for name in table.class_names if name not in self.levels]
         if unknown:
             examples = [f"'{name}', e.g. {first_row_of(table, table.class_names.index(name))}" for name in unknown[:5]]
-            raise DataError(f"Labels outside task.levels={self.levels}: " + "; ".join(examples)
-                            + ". Fix the labels, or add the grade to task.levels in its place.")
+            raise DataError(
+                f"Labels outside task.levels={self.levels}: "
+                + "; ".join(examples)
+                + ". Fix the labels, or add the grade to task.levels in its place."
+            )
         to_level = np.array([self.levels.index(name) for name in table.class_names], dtype=np.int64)
-        return ImageTable(table.paths, to_level[table.labels], list(self.levels), table.splits, table.name,
-                          table.extra)
+        return ImageTable(table.paths, to_level[table.labels], list(self.levels), table.splits, table.name, table.extra)
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "levels": self.levels}
@@ -77,8 +80,14 @@ class Ordinal(Task):
     def outputs(self, num_classes: int) -> int:
         return num_classes - 1
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-             label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        outputs: torch.Tensor,
+        labels: torch.Tensor,
+        class_weights: torch.Tensor | None,
+        label_smoothing: float,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         real = labels != IGNORE
         outputs, labels = outputs[real].float(), labels[real]
         thresholds = torch.arange(outputs.shape[-1], device=labels.device)
@@ -103,16 +112,22 @@ class Ordinal(Task):
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
         return MetricCollection(
             {
-                "acc": LambdaInputTransformer(MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE),
-                                              transform_pred=median_class),
+                "acc": LambdaInputTransformer(
+                    MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE), transform_pred=median_class
+                ),
                 # The error in grades: torchmetrics' mean absolute error of the predicted grade.
-                "mae": LambdaInputTransformer(MeanAbsoluteError(), transform_pred=lambda p: median_class(p).float(),
-                                              transform_target=lambda t: t.float()),
-                "qwk": LambdaInputTransformer(MulticlassCohenKappa(num_classes, weights="quadratic",
-                                                                   ignore_index=IGNORE),
-                                              transform_pred=median_class),
+                "mae": LambdaInputTransformer(
+                    MeanAbsoluteError(),
+                    transform_pred=lambda p: median_class(p).float(),
+                    transform_target=lambda t: t.float(),
+                ),
+                "qwk": LambdaInputTransformer(
+                    MulticlassCohenKappa(num_classes, weights="quadratic", ignore_index=IGNORE),
+                    transform_pred=median_class,
+                ),
             },
-            prefix=prefix, compute_groups=False,
+            prefix=prefix,
+            compute_groups=False,
         )
 
     def score(self, outputs: torch.Tensor, target: int) -> torch.Tensor:
@@ -121,5 +136,7 @@ class Ordinal(Task):
         return outputs[0].sum()
 
     def describe_output(self) -> str:
-        return ("K-1 logits of P(class > k); sigmoid, running minimum over k, then P(class = k) = "
-                "P(class > k-1) - P(class > k) gives class probabilities")
+        return (
+            "K-1 logits of P(class > k); sigmoid, running minimum over k, then P(class = k) = "
+            "P(class > k-1) - P(class > k) gives class probabilities"
+        )

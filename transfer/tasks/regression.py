@@ -50,9 +50,15 @@ class Regression(Task):
     name = "regression"
     kind = "values"
 
-    def __init__(self, targets: Sequence[str] | None = None, loss: str = "mse", huber_delta: float = 1.0,
-                 threshold: float | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str] | None = None,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
+        threshold: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         if loss not in LOSSES:
             raise DataError(f"task.loss={loss} is not one of {list(LOSSES)}.")
         self.targets = list(targets) if targets is not None else None
@@ -77,8 +83,10 @@ class Regression(Task):
             try:
                 values = self.parse(text)
             except ValueError:
-                raise DataError(f"Label '{text}' of {first_row_of(table, index)} is not a number; task=regression "
-                                "needs a number in every label column (fix the row, or remove it).") from None
+                raise DataError(
+                    f"Label '{text}' of {first_row_of(table, index)} is not a number; task=regression "
+                    "needs a number in every label column (fix the row, or remove it)."
+                ) from None
             bad = [v for v in values.values() if not np.isfinite(v)]
             if bad:
                 raise DataError(f"Label '{text}' of {first_row_of(table, index)} is not a finite number.")
@@ -89,32 +97,47 @@ class Regression(Task):
             raise DataError(f"The labels give targets {found}; task.targets={self.targets}.")
         names = self.targets if self.targets is not None and found else names
         self.targets = list(names)
-        per_label = np.array([[values.get(name if found else None, np.nan) for name in names] for values in parsed],
-                             dtype=np.float32)
+        per_label = np.array(
+            [[values.get(name if found else None, np.nan) for name in names] for values in parsed], dtype=np.float32
+        )
         for index, row in enumerate(per_label):
             if np.isnan(row).any():
-                raise DataError(f"Label '{table.class_names[index]}' of {first_row_of(table, index)} lacks a value "
-                                f"for target(s) {[n for n, v in zip(names, row) if np.isnan(v)]}.")
+                raise DataError(
+                    f"Label '{table.class_names[index]}' of {first_row_of(table, index)} lacks a value "
+                    f"for target(s) {[n for n, v in zip(names, row) if np.isnan(v)]}."
+                )
         values = per_label[table.labels]
         # With a threshold, splits keep the share of images above it (as a classifier of the same
         # decision would be split: data=elpv_probability then tests on data=elpv's test images).
-        strata = (values[:, 0] >= self.threshold).astype(np.int64) if self.threshold is not None \
+        strata = (
+            (values[:, 0] >= self.threshold).astype(np.int64)
+            if self.threshold is not None
             else value_strata(values[:, 0])
-        return ImageTable(table.paths, strata, list(names), table.splits, table.name,
-                          table.extra, kind="values", targets=values)
+        )
+        return ImageTable(
+            table.paths, strata, list(names), table.splits, table.name, table.extra, kind="values", targets=values
+        )
 
     def fit(self, table: ImageTable, rows: np.ndarray) -> None:
         """Standardise with the training split's mean and standard deviation (kept when resuming)."""
         if self.mean is not None and self.std is not None:
             return
+        assert table.targets is not None, "arrange() made the targets"
         targets = table.targets[rows].astype(np.float64)
         std = targets.std(axis=0)
         self.mean = np.round(targets.mean(axis=0), 8).tolist()
         self.std = np.round(np.where(std > 0, std, 1.0), 8).tolist()
 
     def state(self) -> dict[str, Any]:
-        return {"name": self.name, "targets": self.targets, "loss": self.loss_name, "huber_delta": self.huber_delta,
-                "threshold": self.threshold, "mean": self.mean, "std": self.std}
+        return {
+            "name": self.name,
+            "targets": self.targets,
+            "loss": self.loss_name,
+            "huber_delta": self.huber_delta,
+            "threshold": self.threshold,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("mean") is not None:
@@ -123,15 +146,23 @@ class Regression(Task):
     def scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mean is None or self.std is None:
             raise DataError("task=regression has no target scaling yet: it is learnt from the training split.")
-        return (torch.tensor(self.mean, dtype=torch.float32, device=like.device),
-                torch.tensor(self.std, dtype=torch.float32, device=like.device))
+        return (
+            torch.tensor(self.mean, dtype=torch.float32, device=like.device),
+            torch.tensor(self.std, dtype=torch.float32, device=like.device),
+        )
 
     # --- training -----------------------------------------------------------------------------
     def outputs(self, num_classes: int) -> int:
         return num_classes
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-             label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        self,
+        outputs: torch.Tensor,
+        labels: torch.Tensor,
+        class_weights: torch.Tensor | None,
+        label_smoothing: float,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         real = self.real(labels)
         mean, std = self.scale(outputs)
         outputs, targets = outputs[real].float(), (labels[real].float() - mean) / std
@@ -151,24 +182,31 @@ class Regression(Task):
         return probabilities
 
     def above(self, values: torch.Tensor) -> torch.Tensor:
+        assert self.threshold is not None, "metrics of a decision need task.threshold"
         return (values >= self.threshold).long().flatten()
 
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
-        metrics: dict[str, Metric] = {
+        metrics: dict[str, Metric | MetricCollection] = {
             "mae": MeanAbsoluteError(),
             "rmse": MeanSquaredError(squared=False),
-            "r2": R2Score(num_outputs=num_classes) if num_classes > 1 else
-            LambdaInputTransformer(R2Score(), transform_pred=lambda v: v.flatten(), transform_target=lambda t: t.flatten()),
+            "r2": R2Score(num_outputs=num_classes)
+            if num_classes > 1
+            else LambdaInputTransformer(
+                R2Score(), transform_pred=lambda v: v.flatten(), transform_target=lambda t: t.flatten()
+            ),
         }
         if self.threshold is not None:
-            metrics["acc"] = LambdaInputTransformer(MulticlassAccuracy(2, average="micro"), transform_pred=self.above,
-                                                    transform_target=self.above)
-            metrics["f1"] = LambdaInputTransformer(MulticlassF1Score(2, average="macro"), transform_pred=self.above,
-                                                   transform_target=self.above)
+            metrics["acc"] = LambdaInputTransformer(
+                MulticlassAccuracy(2, average="micro"), transform_pred=self.above, transform_target=self.above
+            )
+            metrics["f1"] = LambdaInputTransformer(
+                MulticlassF1Score(2, average="macro"), transform_pred=self.above, transform_target=self.above
+            )
             # AUROC ranks the values themselves (torchmetrics squashes scores outside [0, 1] with a
             # sigmoid, which keeps their order).
-            metrics["auroc"] = LambdaInputTransformer(BinaryAUROC(), transform_pred=lambda v: v.flatten(),
-                                                      transform_target=self.above)
+            metrics["auroc"] = LambdaInputTransformer(
+                BinaryAUROC(), transform_pred=lambda v: v.flatten(), transform_target=self.above
+            )
         return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
     def train_metric(self, num_classes: int) -> tuple[str, Metric]:
@@ -184,8 +222,10 @@ class Regression(Task):
         return outputs[0, target]
 
     def describe_output(self) -> str:
-        return (f"one standardised value per target {self.targets}; multiply by std {self.std} and add mean "
-                f"{self.mean} for the data's units")
+        return (
+            f"one standardised value per target {self.targets}; multiply by std {self.std} and add mean "
+            f"{self.mean} for the data's units"
+        )
 
     # --- outputs ------------------------------------------------------------------------------
     def prediction_header(self, names: Sequence[str]) -> list[str]:

@@ -32,18 +32,18 @@ from transfer.model.stage import Stage
 
 log = logging.getLogger("transfer")
 
-SAFETY = 0.9           # plan to this fraction of the time left (per-epoch overheads, noise)
-RESERVE_SECONDS = 10   # process start-up and teardown the run cannot time itself
-EPOCH_OVERHEAD = 0.5   # Lightning's loops, loader start-up and logging per epoch, measured on tiny data
+SAFETY = 0.9  # plan to this fraction of the time left (per-epoch overheads, noise)
+RESERVE_SECONDS = 10  # process start-up and teardown the run cannot time itself
+EPOCH_OVERHEAD = 0.5  # Lightning's loops, loader start-up and logging per epoch, measured on tiny data
 
 
 @dataclass(frozen=True)
 class StageCost:
     """Seconds per image on this machine for one stage."""
 
-    train: float       # a training step (forward + backward), data loading included
-    evaluate: float    # an evaluation forward pass
-    cached: bool       # head-only on cached features: one extraction, epochs nearly free
+    train: float  # a training step (forward + backward), data loading included
+    evaluate: float  # an evaluation forward pass
+    cached: bool  # head-only on cached features: one extraction, epochs nearly free
     epoch: float = EPOCH_OVERHEAD  # seconds each epoch costs besides images: checkpoints, loop set-up
 
 
@@ -69,8 +69,7 @@ def test_seconds(costs: Sequence[StageCost], sizes: SplitSizes) -> float:
     return sizes.test * max(cost.evaluate for cost in costs)
 
 
-def plan_epochs(stages: Sequence[Stage], costs: Sequence[StageCost], sizes: SplitSizes,
-                seconds: float) -> list[int]:
+def plan_epochs(stages: Sequence[Stage], costs: Sequence[StageCost], sizes: SplitSizes, seconds: float) -> list[int]:
     """Epochs per stage so that all stages fit in ``seconds``: the schedule's own when it fits,
     otherwise every stage scaled by the largest common factor that fits (at least 1 epoch each)."""
 
@@ -100,8 +99,9 @@ def _train_batch(datamodule: ImageDataModule) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]), seconds
 
 
-def measure_costs(module: ClassifierModule, datamodule: ImageDataModule, stages: Sequence[Stage],
-                  steps: int = 3) -> list[StageCost]:
+def measure_costs(
+    module: ClassifierModule, datamodule: ImageDataModule, stages: Sequence[Stage], steps: int = 3
+) -> list[StageCost]:
     """Time each stage's training step and the evaluation pass on real batches; the model's
     weights and BatchNorm statistics are restored afterwards, so the run is unchanged."""
     images, labels, load = _train_batch(datamodule)
@@ -129,7 +129,7 @@ def measure_costs(module: ClassifierModule, datamodule: ImageDataModule, stages:
             module.set_stage(stage, index)
             module.train()
             seconds = []
-            for step in range(steps + 1):  # the first step warms up (allocations)
+            for _ in range(steps + 1):  # the first step warms up (allocations)
                 started = time.perf_counter()
                 loss = module.task.loss(module(images), labels, None, 0.0)
                 if loss.requires_grad:
@@ -152,12 +152,15 @@ def check_single_process(trainer: Any) -> None:
     devices = trainer.get("devices", 1)
     several_devices = len(devices) > 1 if isinstance(devices, (list, tuple)) else str(devices) not in ("1", "auto")
     if several_devices or int(trainer.get("num_nodes") or 1) > 1 or "ddp" in str(trainer.get("strategy", "")):
-        raise TransferError("budget.minutes plans on one process; with several devices or nodes set "
-                            "each stage's epochs (schedule.stages.N.epochs) instead.")
+        raise TransferError(
+            "budget.minutes plans on one process; with several devices or nodes set "
+            "each stage's epochs (schedule.stages.N.epochs) instead."
+        )
 
 
-def plan_budget(minutes: float, started: float, module: ClassifierModule, datamodule: ImageDataModule,
-                stages: Sequence[Stage]) -> tuple[list[Stage], dict[str, Any]]:
+def plan_budget(
+    minutes: float, started: float, module: ClassifierModule, datamodule: ImageDataModule, stages: Sequence[Stage]
+) -> tuple[list[Stage], dict[str, Any]]:
     """The stages shortened to fit in what is left of ``minutes`` since ``started`` (``time.perf_counter``),
     each with its deadline (``ends_by``); and the plan's record of the costs and epochs."""
     if minutes <= 0:
@@ -170,21 +173,37 @@ def plan_budget(minutes: float, started: float, module: ClassifierModule, datamo
     available = SAFETY * (left - test)
     epochs = plan_epochs(stages, costs, sizes, available)
     planned = [stage_seconds(c, sizes, e) for c, e in zip(costs, epochs, strict=True)]
-    shortened = [dataclasses.replace(stage, epochs=e, ends_by=round(total - sum(planned[i + 1:]) - test, 3))
-                 for i, (stage, e) in enumerate(zip(stages, epochs, strict=True))]
+    shortened = [
+        dataclasses.replace(stage, epochs=e, ends_by=round(total - sum(planned[i + 1 :]) - test, 3))
+        for i, (stage, e) in enumerate(zip(stages, epochs, strict=True))
+    ]
     report = {
-        "minutes": minutes, "seconds_left_at_plan": round(left, 1),
-        "epochs": epochs, "planned_stage_seconds": [round(s, 1) for s in planned],
+        "minutes": minutes,
+        "seconds_left_at_plan": round(left, 1),
+        "epochs": epochs,
+        "planned_stage_seconds": [round(s, 1) for s in planned],
         "planned_test_seconds": round(test, 1),
-        "seconds_per_image": [{"train": round(c.train, 5), "evaluate": round(c.evaluate, 5),
-                               "cached": c.cached} for c in costs],
+        "seconds_per_image": [
+            {"train": round(c.train, 5), "evaluate": round(c.evaluate, 5), "cached": c.cached} for c in costs
+        ],
         "seconds_per_epoch_overhead": round(costs[0].epoch, 2),
     }
-    log.info("budget.minutes=%g: %.0fs left; stages planned at %s epoch(s), %s s, test %.0f s",
-             minutes, left, epochs, [round(s) for s in planned], test)
+    log.info(
+        "budget.minutes=%g: %.0fs left; stages planned at %s epoch(s), %s s, test %.0f s",
+        minutes,
+        left,
+        epochs,
+        [round(s) for s in planned],
+        test,
+    )
     if sum(planned) > available:
-        log.warning("budget.minutes=%g is shorter than one epoch of every stage (%.0f s planned, %.0f s "
-                    "available): each stage stops at its time limit.", minutes, sum(planned), available)
+        log.warning(
+            "budget.minutes=%g is shorter than one epoch of every stage (%.0f s planned, %.0f s "
+            "available): each stage stops at its time limit.",
+            minutes,
+            sum(planned),
+            available,
+        )
     return shortened, report
 
 

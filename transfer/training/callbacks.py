@@ -33,17 +33,30 @@ class EpochSummary(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k.removesuffix("_epoch"): v for k, v in trainer.callback_metrics.items()
-                   if k.startswith(("train/", "val/")) and not k.endswith("_step")}
+        metrics = {
+            k.removesuffix("_epoch"): v
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("train/", "val/")) and not k.endswith("_step")
+        }
         shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(metrics.items()))
-        log.info("[%s] epoch %d/%d %s (%.0fs)", self.stage_name, trainer.current_epoch + 1,
-                 trainer.max_epochs, shown, time.perf_counter() - self.started)
+        log.info(
+            "[%s] epoch %d/%d %s (%.0fs)",
+            self.stage_name,
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            shown,
+            time.perf_counter() - self.started,
+        )
 
 
 def state_digests(module: torch.nn.Module) -> list[str]:
     """A SHA-256 of every parameter and buffer, in order: equal lists mean bit-identical models."""
-    return [hashlib.sha256(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-            if t.numel() else "empty" for t in module.state_dict().values()]
+    return [
+        hashlib.sha256(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        if t.numel()
+        else "empty"
+        for t in module.state_dict().values()
+    ]
 
 
 class ReplicaCheck(L.Callback):
@@ -65,7 +78,8 @@ class ReplicaCheck(L.Callback):
             raise TransferError(
                 f"The {trainer.world_size} processes write to different run directories {sorted(run_dirs)}. "
                 "With torchrun or SLURM, give all of them the same one, e.g. "
-                "hydra.run.dir=outputs/runs/$SLURM_JOB_ID (see the README's launch recipes).")
+                "hydra.run.dir=outputs/runs/$SLURM_JOB_ID (see the README's launch recipes)."
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         sampler = getattr(trainer.train_dataloader, "sampler", None)
@@ -77,13 +91,13 @@ class ReplicaCheck(L.Callback):
         broadcast_buffers(pl_module)
         digests = _all_gather_object(state_digests(pl_module))
         mismatched = sum(len(set(per_tensor)) > 1 for per_tensor in zip(*digests))
-        self.report.update({"tensors": len(digests[0]), "mismatched_tensors": mismatched,
-                            "identical": mismatched == 0})
+        self.report.update({"tensors": len(digests[0]), "mismatched_tensors": mismatched, "identical": mismatched == 0})
         if mismatched:
-            raise RuntimeError(f"{mismatched} of {len(digests[0])} tensors differ between the "
-                               f"{trainer.world_size} processes after this stage: the replicas diverged.")
-        log.info("Replica check: all %d tensors bit-identical on %d processes", len(digests[0]),
-                 trainer.world_size)
+            raise RuntimeError(
+                f"{mismatched} of {len(digests[0])} tensors differ between the "
+                f"{trainer.world_size} processes after this stage: the replicas diverged."
+            )
+        log.info("Replica check: all %d tensors bit-identical on %d processes", len(digests[0]), trainer.world_size)
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

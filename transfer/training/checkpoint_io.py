@@ -36,8 +36,9 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with `atomic_torch_save` for local paths (URLs keep Lightning's)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
         if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
+            return super().save_checkpoint(checkpoint, str(path), storage_options)
         atomic_torch_save(checkpoint, path)

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transfer.config.compose import as_dict
 from transfer.data.datamodule import ImageDataset
 from transfer.data.manifest import MANIFEST, write_manifest
 from transfer.data.splits import fold_splits, split_indices
@@ -46,22 +47,28 @@ from transfer.training.run import check_fresh_run_dir, train
 log = logging.getLogger("transfer")
 
 
-def fold_config(cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: list[str] | None,
-                name: str) -> DictConfig:
+def fold_config(
+    cfg: DictConfig, fold_dir: Path, manifest: Path, class_names: list[str] | None, name: str
+) -> DictConfig:
     """The run's config for one fold: its images and split from the fold's manifest, its own directory."""
-    fold = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    fold = OmegaConf.create(as_dict(cfg))
     with open_dict(fold):
         fold.paths.output_dir = str(fold_dir)
         fold.cv.folds = None
         fold.resume = None
         fold.data.max_images = None  # the manifest holds the images already chosen
-        fold.data.source = {"_target_": "transfer.data.manifest.load_manifest", "path": str(manifest),
-                            "class_names": class_names, "name": name}
+        fold.data.source = {
+            "_target_": "transfer.data.manifest.load_manifest",
+            "path": str(manifest),
+            "class_names": class_names,
+            "name": name,
+        }
     return fold
 
 
-def fold_probabilities(ckpt: str, paths: list[str], batch_size: int, num_workers: int,
-                       classifier: Classifier | None = None) -> torch.Tensor:
+def fold_probabilities(
+    ckpt: str, paths: list[str], batch_size: int, num_workers: int, classifier: Classifier | None = None
+) -> torch.Tensor:
     """Decoded outputs (class probabilities, tag probabilities, values) of one fold's best checkpoint
     on ``paths`` (the checkpoint's own preprocessing)."""
     classifier = classifier or load_classifier(ckpt)
@@ -77,9 +84,13 @@ def scores(task: Task, probabilities: torch.Tensor, labels: np.ndarray, num_clas
 
 def mean_and_sd(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     names = [name for name in values[0] if name != "loss"]
-    return {name: {"mean": round(float(np.mean([v[name] for v in values])), 6),
-                   "sd": round(float(np.std([v[name] for v in values], ddof=1)), 6) if len(values) > 1 else 0.0}
-            for name in names}
+    return {
+        name: {
+            "mean": round(float(np.mean([v[name] for v in values])), 6),
+            "sd": round(float(np.std([v[name] for v in values], ddof=1)), 6) if len(values) > 1 else 0.0,
+        }
+        for name in names
+    }
 
 
 def earlier_fold(resume: str | None, index: int) -> dict[str, Any] | None:
@@ -99,8 +110,10 @@ def cross_validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ())
         raise TransferError(f"cv.folds={folds}: cross-validation needs at least 2 folds.")
     resume = cfg.get("resume")
     if resume and not Path(resume).expanduser().is_dir():
-        raise TransferError(f"resume={resume}: a cross-validation resumes from an earlier cross-validation's run "
-                            "directory (its fold_<k>/ folders), not from a checkpoint.")
+        raise TransferError(
+            f"resume={resume}: a cross-validation resumes from an earlier cross-validation's run "
+            "directory (its fold_<k>/ folders), not from a checkpoint."
+        )
     L.seed_everything(cfg.seed, workers=True)
     # Labels as the task reads them (classes in its order, tags, values), as every fold's model has them.
     table, _ = run_images(cfg, {}, run_dir, build_task(cfg))
@@ -109,8 +122,13 @@ def cross_validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ())
     if len(test) == 0:
         raise DataError("cv.folds needs a test split the folds never see; set data.test_fraction > 0.")
     held_out = fold_splits(table.stratify_on(), pool, folds, cfg.seed)
-    log.info("Cross-validation: %d folds of %d training images (%s per fold), %d test images untouched",
-             folds, len(pool), [len(v) for v in held_out], len(test))
+    log.info(
+        "Cross-validation: %d folds of %d training images (%s per fold), %d test images untouched",
+        folds,
+        len(pool),
+        [len(v) for v in held_out],
+        len(test),
+    )
 
     reports = []
     for index, val in enumerate(held_out):
@@ -123,7 +141,9 @@ def cross_validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ())
         fold_dir.mkdir(parents=True, exist_ok=True)
         manifest = fold_dir / f"fold_{MANIFEST}"
         write_fold_manifest(manifest, table, {"train": np.setdiff1d(pool, val), "val": val, "test": test})
-        log.info("Fold %d/%d: validating on %d images, training on %d", index + 1, folds, len(val), len(pool) - len(val))
+        log.info(
+            "Fold %d/%d: validating on %d images, training on %d", index + 1, folds, len(val), len(pool) - len(val)
+        )
         classes = table.class_names if table.kind == "classes" else None  # tags and values are parsed again
         reports.append(train(fold_config(cfg, fold_dir, manifest, classes, table.name), overrides))
     summary = summarize(cfg, table, reports, held_out, test, run_dir)
@@ -138,8 +158,14 @@ def write_fold_manifest(path: Path, table: ImageTable, splits: dict[str, np.ndar
     os.replace(temporary, path)
 
 
-def summarize(cfg: DictConfig, table: ImageTable, reports: list[dict[str, Any]], held_out: list[np.ndarray],
-              test: np.ndarray, run_dir: Path) -> dict[str, Any]:
+def summarize(
+    cfg: DictConfig,
+    table: ImageTable,
+    reports: list[dict[str, Any]],
+    held_out: list[np.ndarray],
+    test: np.ndarray,
+    run_dir: Path,
+) -> dict[str, Any]:
     """Out-of-fold and fold-ensemble figures from the folds' best checkpoints; cv_summary.json."""
     batch, workers = cfg.data.get("eval_batch_size") or cfg.data.batch_size, 0
     names = table.class_names
@@ -155,7 +181,7 @@ def summarize(cfg: DictConfig, table: ImageTable, reports: list[dict[str, Any]],
     pool = np.sort(np.concatenate(held_out))
     ensemble = torch.stack(test_probabilities).mean(dim=0)
     fold_tests = [report["test"] for report in reports]
-    summary = {
+    summary: dict[str, Any] = {
         "folds": len(reports),
         "fold_runs": [report["run_dir"] for report in reports],
         "fold_test": fold_tests,
@@ -172,20 +198,43 @@ def summarize(cfg: DictConfig, table: ImageTable, reports: list[dict[str, Any]],
     }
     write_outputs(run_dir, summary, table, pool, oof, test, ensemble, task)
     single, together = summary["test_single_model"], summary["test_ensemble"]
-    log.info("Cross-validation over %d folds: test %s", len(reports), "  ".join(
-        f"{k} {v['mean']:.4f} +- {v['sd']:.4f}" for k, v in single.items()))
-    log.info("Fold ensemble (mean of %d models' probabilities) on the test split: %s", len(reports),
-             "  ".join(f"{k}={v:.4f}" for k, v in together.items()))
-    log.info("Out of fold (%d training images): %s", len(pool),
-             "  ".join(f"{k}={v:.4f}" for k, v in summary["out_of_fold"].items()))
+    log.info(
+        "Cross-validation over %d folds: test %s",
+        len(reports),
+        "  ".join(f"{k} {v['mean']:.4f} +- {v['sd']:.4f}" for k, v in single.items()),
+    )
+    log.info(
+        "Fold ensemble (mean of %d models' probabilities) on the test split: %s",
+        len(reports),
+        "  ".join(f"{k}={v:.4f}" for k, v in together.items()),
+    )
+    log.info(
+        "Out of fold (%d training images): %s",
+        len(pool),
+        "  ".join(f"{k}={v:.4f}" for k, v in summary["out_of_fold"].items()),
+    )
     log.info("Results: %s", run_dir / "cv_summary.json")
     return summary
 
 
 @rank_zero_only
-def write_outputs(run_dir: Path, summary: dict[str, Any], table: ImageTable, pool: np.ndarray, oof: torch.Tensor,
-                  test: np.ndarray, ensemble: torch.Tensor, task: Task) -> None:
+def write_outputs(
+    run_dir: Path,
+    summary: dict[str, Any],
+    table: ImageTable,
+    pool: np.ndarray,
+    oof: torch.Tensor,
+    test: np.ndarray,
+    ensemble: torch.Tensor,
+    task: Task,
+) -> None:
     for name, rows, decoded in (("oof_predictions.csv", pool, oof[pool]), ("test_predictions.csv", test, ensemble)):
-        write_predictions(run_dir / name, task, [table.paths[i] for i in rows], decoded,
-                          torch.as_tensor(table.answers(rows)), table.class_names)
+        write_predictions(
+            run_dir / name,
+            task,
+            [table.paths[i] for i in rows],
+            decoded,
+            torch.as_tensor(table.answers(rows)),
+            table.class_names,
+        )
     (run_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2))

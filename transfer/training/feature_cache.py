@@ -37,7 +37,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.images = images
         self.model = model
         self.channels_last = channels_last
-        self.cached: dict[str, TensorDataset[Any]] = {}
+        self.cached: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -48,12 +48,21 @@ class FeatureDataModule(L.LightningDataModule):
             started = time.perf_counter()
             # Every image once, in split order: the training transform is deterministic here.
             dataset = self.images.dataset(split, self.images.eval_transform)
-            loader = DataLoader(dataset, batch_size=self.images.eval_batch_size,
-                                num_workers=self.images.num_workers, pin_memory=self.images.pin_memory)
+            loader = DataLoader(
+                dataset,
+                batch_size=self.images.eval_batch_size,
+                num_workers=self.images.num_workers,
+                pin_memory=self.images.pin_memory,
+            )
             features, labels = extract_features(self.model, loader, device, self.channels_last)
             self.cached[split] = TensorDataset(features, labels)
-            log.info("Feature cache: %s split, %d images -> %s features in %.1fs", split, len(dataset),
-                     tuple(features.shape[1:]), time.perf_counter() - started)
+            log.info(
+                "Feature cache: %s split, %d images -> %s features in %.1fs",
+                split,
+                len(dataset),
+                tuple(features.shape[1:]),
+                time.perf_counter() - started,
+            )
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader("train")

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.tuner import Tuner
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
 from transfer.compat import unbiased_lr_finder_losses
@@ -49,9 +50,16 @@ def suggest(finder: Any, method: str) -> float | None:
     return float(lrs[valley(lrs, losses)]) if len(losses) > 3 else None
 
 
-def find_stage_lr(trainer_cfg: DictConfig, settings: Mapping[str, Any], module: ClassifierModule,
-                  data: L.LightningDataModule, stages: Sequence[Stage], index: int, run_dir: Path,
-                  features: L.LightningDataModule | None = None) -> tuple[list[Stage], dict[str, Any]]:
+def find_stage_lr(
+    trainer_cfg: DictConfig,
+    settings: Mapping[str, Any],
+    module: ClassifierModule,
+    data: L.LightningDataModule,
+    stages: Sequence[Stage],
+    index: int,
+    run_dir: Path,
+    features: L.LightningDataModule | None = None,
+) -> tuple[list[Stage], dict[str, Any]]:
     """Sweep the lr up exponentially on stage ``index``'s trainable parameters (the weights are
     restored afterwards), save the loss curve to ``lr_find.png``; the stages with that stage's lr set
     to the suggestion, and the plan's record of the search.
@@ -64,19 +72,33 @@ def find_stage_lr(trainer_cfg: DictConfig, settings: Mapping[str, Any], module: 
     """
     method = settings.get("method", "valley")
     # max_epochs only bounds the search (num_training steps end it); the finder replaces the schedule.
-    trainer: L.Trainer = instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False,
-                                     max_epochs=1000, default_root_dir=run_dir, sync_batchnorm=False)
+    trainer: L.Trainer = instantiate(
+        trainer_cfg,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        max_epochs=1000,
+        default_root_dir=run_dir,
+        sync_batchnorm=False,
+    )
     if trainer.world_size > 1:
-        raise TransferError("lr_find.enabled=true runs on one device: find the lr with trainer=cpu or "
-                            "trainer=gpu, then pass it, e.g. schedule.stages.0.lr=...")
+        raise TransferError(
+            "lr_find.enabled=true runs on one device: find the lr with trainer=cpu or "
+            "trainer=gpu, then pass it, e.g. schedule.stages.0.lr=..."
+        )
     stages = list(stages)
     stage = stages[index]
     on_features = features is not None and stage.unfreeze == 0
     module.set_stage(stage, index, features_cached=on_features)
     try:
-        finder = Tuner(trainer).lr_find(module, datamodule=features if on_features else data,
-                                        min_lr=settings["min_lr"], max_lr=settings["max_lr"],
-                                        num_training=settings["num_training"], update_attr=False)
+        finder = Tuner(trainer).lr_find(
+            module,
+            datamodule=features if on_features else data,
+            min_lr=settings["min_lr"],
+            max_lr=settings["max_lr"],
+            num_training=settings["num_training"],
+            update_attr=False,
+        )
     finally:
         module.set_stage(stage, index)
     if finder is None:  # fast_dev_run skips the search
@@ -84,6 +106,7 @@ def find_stage_lr(trainer_cfg: DictConfig, settings: Mapping[str, Any], module: 
     finder.results["loss"] = unbiased_lr_finder_losses(finder.results["loss"])
     suggestion = suggest(finder, method)
     figure = finder.plot(suggest=False)  # its own marker would be Lightning's steepest point
+    assert isinstance(figure, Figure)
     if suggestion is not None:
         at = finder.results["lr"].index(suggestion)
         figure.axes[0].plot(suggestion, finder.results["loss"][at], marker="o", markersize=10, color="red")
@@ -91,13 +114,24 @@ def find_stage_lr(trainer_cfg: DictConfig, settings: Mapping[str, Any], module: 
     figure.savefig(run_dir / "lr_find.png", dpi=120)
     plt.close(figure)
     if suggestion is None:
-        log.warning("lr_find found no clear minimum of the loss slope; stage '%s' keeps lr %g (curve in %s).",
-                    stage.name, stage.lr, run_dir / "lr_find.png")
+        log.warning(
+            "lr_find found no clear minimum of the loss slope; stage '%s' keeps lr %g (curve in %s).",
+            stage.name,
+            stage.lr,
+            run_dir / "lr_find.png",
+        )
         return stages, {"suggestion": None, "kept_lr": stage.lr, "on_features": on_features}
     factor = float(suggestion) / stage.lr
     stages[index] = dataclasses.replace(stage, lr=float(suggestion))
-    log.info("lr_find%s: stage %d '%s' lr %g -> %g (curve in %s)", " on cached features" if on_features else "",
-             index, stage.name, stage.lr, suggestion, run_dir / "lr_find.png")
+    log.info(
+        "lr_find%s: stage %d '%s' lr %g -> %g (curve in %s)",
+        " on cached features" if on_features else "",
+        index,
+        stage.name,
+        stage.lr,
+        suggestion,
+        run_dir / "lr_find.png",
+    )
     scaled = {}
     if settings.get("scale_later_stages"):
         for later in range(index + 1, len(stages)):
@@ -105,5 +139,11 @@ def find_stage_lr(trainer_cfg: DictConfig, settings: Mapping[str, Any], module: 
             stages[later] = dataclasses.replace(old, lr=old.lr * factor)
             scaled[old.name] = stages[later].lr
             log.info("lr_find: stage %d '%s' lr %g -> %g (same factor)", later, old.name, old.lr, old.lr * factor)
-    return stages, {"stage": stage.name, "suggestion": float(suggestion), "replaced_lr": stage.lr, "method": method,
-                    "on_features": on_features, "later_stages": scaled}
+    return stages, {
+        "stage": stage.name,
+        "suggestion": float(suggestion),
+        "replaced_lr": stage.lr,
+        "method": method,
+        "on_features": on_features,
+        "later_stages": scaled,
+    }

@@ -24,33 +24,33 @@ from transfer.model.stage import Stage
 class DataPlan:
     """The images and how they are split and batched."""
 
-    name: str                        # the dataset's name (its folder, CSV, or source)
+    name: str  # the dataset's name (its folder, CSV, or source)
     images: int
-    kind: str                        # classes | tags | values (what the task reads the labels as)
-    class_names: tuple[str, ...]     # classes, tags or regression targets, in the model's output order
-    split_sizes: dict[str, int]      # images per split
+    kind: str  # classes | tags | values (what the task reads the labels as)
+    class_names: tuple[str, ...]  # classes, tags or regression targets, in the model's output order
+    split_sizes: dict[str, int]  # images per split
     split_counts: dict[str, dict[str, int | float]]  # per class: images (per tag: positives; per target: mean)
-    split: dict[str, float]          # data.split: test and val shares of the unassigned images
-    split_from: str | None           # a run's split.csv the splits were read from (resuming, cross-validation)
+    split: dict[str, float]  # data.split: test and val shares of the unassigned images
+    split_from: str | None  # a run's split.csv the splits were read from (resuming, cross-validation)
     batch_size: int
     eval_batch_size: int
-    sampler: str                     # shuffle | balanced
+    sampler: str  # shuffle | balanced
     num_workers: int
     skipped_images: tuple[str, ...] = ()  # unreadable files left out (runtime.bad_images=skip)
 
 
 @dataclass(frozen=True)
 class ModelPlan:
-    backbone: str                    # the timm architecture
-    weights: str                     # where its pretrained weights came from (backbone.weights)
-    input: dict[str, Any]            # size, mean, std, crop_pct, interpolation (input.*, resolved)
-    model_kwargs: dict[str, Any]     # the other timm.create_model arguments
+    backbone: str  # the timm architecture
+    weights: str  # where its pretrained weights came from (backbone.weights)
+    input: dict[str, Any]  # size, mean, std, crop_pct, interpolation (input.*, resolved)
+    model_kwargs: dict[str, Any]  # the other timm.create_model arguments
 
 
 @dataclass(frozen=True)
 class TaskPlan:
     name: str
-    state: dict[str, Any]            # what the task knows before training (e.g. regression scaling)
+    state: dict[str, Any]  # what the task knows before training (e.g. regression scaling)
     label_smoothing: float
     class_weights: tuple[float, ...] | None  # the loss's weight per class (task.class_weights=balanced)
     mixup: bool
@@ -58,10 +58,10 @@ class TaskPlan:
 
 @dataclass(frozen=True)
 class AugmentPlan:
-    name: str                        # the augment option (cells, auto, none, ...)
-    chosen_by: str                   # who picked it: the data config's default, or augment= given
+    name: str  # the augment option (cells, auto, none, ...)
+    chosen_by: str  # who picked it: the data config's default, or augment= given
     train: tuple[dict[str, Any], ...] | None  # the training pipeline as _target_ nodes (None: eval transform)
-    symmetries: tuple[str, ...]      # the flips and turns it applies (tta=auto averages over them)
+    symmetries: tuple[str, ...]  # the flips and turns it applies (tta=auto averages over them)
     probe: dict[str, Any] | None = None  # augment=auto's evidence
 
 
@@ -76,13 +76,13 @@ class RunPlan:
     task: TaskPlan
     augment: AugmentPlan
     stages: tuple[Stage, ...]
-    trainable: tuple[str, ...]       # what each stage trains, in words (groups and parameter counts)
-    monitor: dict[str, str]          # the metric that picks each stage's best checkpoint, and its mode
-    min_steps: int                   # schedule.min_steps: the fewest optimizer steps a default stage runs
-    steps_per_epoch: int             # optimizer steps in one training epoch (per process)
-    tta: str                         # the run's own test: averaged over these test-time views
-    processes: int                   # training processes (devices x nodes)
-    notes: tuple[str, ...] = ()      # why a value is not the config's: min_steps, the budget, the LR finder
+    trainable: tuple[str, ...]  # what each stage trains, in words (groups and parameter counts)
+    monitor: dict[str, str]  # the metric that picks each stage's best checkpoint, and its mode
+    min_steps: int  # schedule.min_steps: the fewest optimizer steps a default stage runs
+    steps_per_epoch: int  # optimizer steps in one training epoch (per process)
+    tta: str  # the run's own test: averaged over these test-time views
+    processes: int  # training processes (devices x nodes)
+    notes: tuple[str, ...] = ()  # why a value is not the config's: min_steps, the budget, the LR finder
     budget: dict[str, Any] | None = None  # budget.minutes: the costs measured and the epochs planned
     lr_find: dict[str, Any] | None = None  # the LR finder's suggestion and what it replaced
     resume: dict[str, Any] | None = None  # the checkpoint a resumed run continues: path, stage index and name
@@ -103,28 +103,40 @@ class RunPlan:
             f"Plan (plan.json in {self.run_dir}):",
             f"  data '{data.name}': {data.images} images, {data.kind} {list(data.class_names)}; split "
             + ", ".join(f"{split} {size}" for split, size in data.split_sizes.items())
-            + (f" (read from {data.split_from})" if data.split_from else
-               f" (data.split: test {data.split['test']:g}, val {data.split['val']:g})"),
+            + (
+                f" (read from {data.split_from})"
+                if data.split_from
+                else f" (data.split: test {data.split['test']:g}, val {data.split['val']:g})"
+            ),
             f"  model {model.backbone} (weights: {model.weights}), input {model.input['size']}, "
             f"mean {model.input['mean']}, std {model.input['std']}",
             f"  task {self.task.name}; monitor {self.monitor['metric']} ({self.monitor['mode']}); test tta={self.tta}",
             f"  augmentation {self.augment.name} ({self.augment.chosen_by}): "
-            + (", ".join(str(n["_target_"]).rsplit(".", 1)[-1] for n in self.augment.train) if self.augment.train
-               else "none (the evaluation transform)"),
-            f"  {len(self.stages)} stage(s), {self.steps_per_epoch} optimizer step(s) an epoch on {self.processes} process(es):",
+            + (
+                ", ".join(str(n["_target_"]).rsplit(".", 1)[-1] for n in self.augment.train)
+                if self.augment.train
+                else "none (the evaluation transform)"
+            ),
+            f"  {len(self.stages)} stage(s), {self.steps_per_epoch} optimizer step(s) an epoch on "
+            f"{self.processes} process(es):",
         ]
         for index, (stage, trainable) in enumerate(zip(self.stages, self.trainable, strict=True)):
             stops = [f"patience {stage.patience}"] if stage.patience else []
             if stage.ends_by is not None:
                 stops.append(f"ends by {stage.ends_by:.0f}s")
-            lines.append(f"    stage {index} '{stage.name}': at most {stage.epochs} epoch(s) at lr {stage.lr:g}"
-                         + (f", warm-up {stage.warmup_epochs:g} epoch(s)" if stage.warmup_epochs else "")
-                         + (", BatchNorm frozen" if stage.freeze_bn else "")
-                         + (", on cached features" if stage.feature_cache else "")
-                         + (f" ({', '.join(stops)})" if stops else "") + f"; {trainable}")
+            lines.append(
+                f"    stage {index} '{stage.name}': at most {stage.epochs} epoch(s) at lr {stage.lr:g}"
+                + (f", warm-up {stage.warmup_epochs:g} epoch(s)" if stage.warmup_epochs else "")
+                + (", BatchNorm frozen" if stage.freeze_bn else "")
+                + (", on cached features" if stage.feature_cache else "")
+                + (f" ({', '.join(stops)})" if stops else "")
+                + f"; {trainable}"
+            )
         lines += [f"  note: {note}" for note in self.notes]
         if self.resume:
-            lines.append(f"  resuming {self.resume['checkpoint']} in stage {self.first_stage} '{self.resume['stage_name']}'")
+            lines.append(
+                f"  resuming {self.resume['checkpoint']} in stage {self.first_stage} '{self.resume['stage_name']}'"
+            )
         return "\n".join(lines)
 
 
@@ -139,13 +151,27 @@ def plan_from_dict(raw: dict[str, Any]) -> RunPlan:
     augment = dict(raw["augment"])
     augment["train"] = tuple(augment["train"]) if augment.get("train") else None
     augment["symmetries"] = tuple(augment.get("symmetries") or ())
-    data = {**raw["data"], "class_names": tuple(raw["data"]["class_names"]),
-            "skipped_images": tuple(raw["data"].get("skipped_images") or ())}
-    task = {**raw["task"], "class_weights": tuple(raw["task"]["class_weights"])
-            if raw["task"].get("class_weights") is not None else None}
-    return RunPlan(**{**raw, "data": DataPlan(**data), "model": ModelPlan(**raw["model"]), "task": TaskPlan(**task),
-                      "augment": AugmentPlan(**augment), "stages": tuple(stage_from_dict(s) for s in raw["stages"]),
-                      "trainable": tuple(raw["trainable"]), "notes": tuple(raw.get("notes") or ())})
+    data = {
+        **raw["data"],
+        "class_names": tuple(raw["data"]["class_names"]),
+        "skipped_images": tuple(raw["data"].get("skipped_images") or ()),
+    }
+    task = {
+        **raw["task"],
+        "class_weights": tuple(raw["task"]["class_weights"]) if raw["task"].get("class_weights") is not None else None,
+    }
+    return RunPlan(
+        **{
+            **raw,
+            "data": DataPlan(**data),
+            "model": ModelPlan(**raw["model"]),
+            "task": TaskPlan(**task),
+            "augment": AugmentPlan(**augment),
+            "stages": tuple(stage_from_dict(s) for s in raw["stages"]),
+            "trainable": tuple(raw["trainable"]),
+            "notes": tuple(raw.get("notes") or ()),
+        }
+    )
 
 
 def load_plan(run_dir: str | Path) -> RunPlan:

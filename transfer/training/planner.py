@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from transfer.augment.probe import ProbeData, choose_augmentation, settings_from
 from transfer.augment.symmetries import symmetries_of
+from transfer.config.compose import as_dict
 from transfer.data.balance import check_split_classes, class_weights_for
 from transfer.data.datamodule import ImageDataModule, steps_per_epoch
 from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to, write_manifest
@@ -71,15 +71,16 @@ class Planned:
 
 def build_task(cfg: DictConfig) -> Task:
     """The task from ``task`` (its ``monitor`` picks checkpoints and is not the task's own setting)."""
-    node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.task).items() if k != "monitor"})
+    node = OmegaConf.create({k: v for k, v in as_dict(cfg.task).items() if k != "monitor"})
     task = instantiate(node)
     if not isinstance(task, Task):
         raise TransferError(f"task._target_={cfg.task._target_} is not a transfer.tasks.Task.")
     return task
 
 
-def run_images(cfg: DictConfig, resumed: dict[str, Any], run_dir: Path, task: Task
-               ) -> tuple[ImageTable, list[tuple[str, str]]]:
+def run_images(
+    cfg: DictConfig, resumed: dict[str, Any], run_dir: Path, task: Task
+) -> tuple[ImageTable, list[tuple[str, str]]]:
     """The images of this run, their labels as ``task`` reads them: the dataset's, after the image
     check; when resuming, exactly the first run's (its split.csv, every file checked unchanged),
     whatever the folder holds now."""
@@ -102,21 +103,25 @@ def carve_splits(cfg: DictConfig, table: ImageTable) -> dict[str, Any]:
     return split_indices(table.stratify_on(), cfg.data.split.test, cfg.data.split.val, cfg.seed, table.splits)
 
 
-def build_model(cfg: DictConfig, table: ImageTable, task: Task) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+def build_model(
+    cfg: DictConfig, table: ImageTable, task: Task
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
     """The backbone with a new head for the task's outputs; its input config (precedence: the
     user's ``input.*``, then the dataset's hints ``data.input.*``, then timm's pretrained config);
     the ``timm.create_model`` arguments a checkpoint needs to rebuild it."""
     backbone = {k: v for k, v in cfg.backbone.items() if k not in ("splitter", "coarse_blocks")}
     model = instantiate(OmegaConf.create(backbone), num_classes=task.outputs(table.num_classes))
-    dataset_hints = OmegaConf.to_container(cfg.data.get("input") or OmegaConf.create({}))
-    user = OmegaConf.to_container(cfg.get("input") or OmegaConf.create({}))
-    hints = {**dataset_hints, **{k: v for k, v in user.items() if v is not None}}  # type: ignore[union-attr]
+    dataset_hints, user = as_dict(cfg.data.get("input")), as_dict(cfg.get("input"))
+    hints = {**dataset_hints, **{k: v for k, v in user.items() if v is not None}}
     auto_size = hints.get("size") == "auto"
     input_config = resolve_input(model, {k: v for k, v in hints.items() if not (k == "size" and auto_size)})
     if auto_size:
         input_config["size"] = size_for_images(model, table.paths, input_config["size"], input_config["crop_pct"])
-    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()  # type: ignore[union-attr]
-                    if k not in ("_target_", "name", "weights", "splitter", "coarse_blocks")}
+    model_kwargs = {
+        k: v
+        for k, v in as_dict(cfg.backbone).items()
+        if k not in ("_target_", "name", "weights", "splitter", "coarse_blocks")
+    }
     return model, input_config, model_kwargs
 
 
@@ -152,9 +157,11 @@ def schedule_stages(cfg: DictConfig, overrides: Sequence[str], steps: int) -> tu
     for index, stage in enumerate(stages):
         needed = math.ceil(min_steps / max(1, steps))
         if index not in explicit and needed > stage.epochs:
-            notes.append(f"stage {index} '{stage.name}': {stage.epochs} epoch(s) of {steps} step(s) are fewer than "
-                         f"schedule.min_steps={min_steps}: {needed} epochs (set schedule.stages.{index}.epochs to "
-                         "keep yours)")
+            notes.append(
+                f"stage {index} '{stage.name}': {stage.epochs} epoch(s) of {steps} step(s) are fewer than "
+                f"schedule.min_steps={min_steps}: {needed} epochs (set schedule.stages.{index}.epochs to "
+                "keep yours)"
+            )
             stage = dataclasses.replace(stage, epochs=needed)
         planned.append(dataclasses.replace(stage, feature_cache=bool(cfg.get("feature_cache")) and stage.unfreeze == 0))
     for note in notes:
@@ -173,7 +180,8 @@ def check_feature_cache(cfg: DictConfig, stages: Sequence[Stage]) -> None:
         raise TransferError(
             "feature_cache=true computes each image's backbone features once, so it needs training "
             "images without random augmentation: add augment=none, or drop feature_cache=true (data=folder "
-            "and data=csv choose augment=auto, which augments).")
+            "and data=csv choose augment=auto, which augments)."
+        )
 
 
 def augment_chosen_by(cfg: DictConfig, overrides: Sequence[str]) -> str:
@@ -182,8 +190,15 @@ def augment_chosen_by(cfg: DictConfig, overrides: Sequence[str]) -> str:
     return "augment= given" if given else f"the default of the data config ({data})"
 
 
-def plan_augmentation(cfg: DictConfig, overrides: Sequence[str], model: torch.nn.Module, table: ImageTable,
-                      splits: dict[str, Any], input_config: dict[str, Any], run_dir: Path) -> AugmentPlan:
+def plan_augmentation(
+    cfg: DictConfig,
+    overrides: Sequence[str],
+    model: torch.nn.Module,
+    table: ImageTable,
+    splits: dict[str, Any],
+    input_config: dict[str, Any],
+    run_dir: Path,
+) -> AugmentPlan:
     """The training pipeline: the augment config's, or the one ``augment=auto``'s probe chooses (also
     written as ``augment/chosen.yaml``: ``--config-dir RUN_DIR augment=chosen`` repeats it unprobed)."""
     name = str(cfg.augment.get("name") or ("auto" if cfg.augment.get("auto") else "custom"))
@@ -200,8 +215,9 @@ def plan_augmentation(cfg: DictConfig, overrides: Sequence[str], model: torch.nn
         report = choose_augmentation(model, data, input_config, settings, cfg.seed, cfg.runtime.channels_last)
     write_chosen_augment(run_dir / "augment" / "chosen.yaml", report["train"])
     train = tuple(report["train"]) if report["train"] else None
-    return AugmentPlan(name, chosen_by, train, tuple(symmetries_of(train)),
-                       probe={k: v for k, v in report.items() if k != "train"})
+    return AugmentPlan(
+        name, chosen_by, train, tuple(symmetries_of(train)), probe={k: v for k, v in report.items() if k != "train"}
+    )
 
 
 def resolved_with_input(cfg: DictConfig, input_config: dict[str, Any]) -> DictConfig:
@@ -222,8 +238,10 @@ def augment_from_dict(raw: dict[str, Any], chosen_by: str) -> AugmentPlan:
 @rank_zero_only
 def write_chosen_augment(path: Path, nodes: list[dict[str, Any]] | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = ("# Chosen by augment=auto for this run (results.json holds the evidence). Repeat it with\n"
-              f"#   python train.py --config-dir {path.parent.parent} augment=chosen ...\n")
+    header = (
+        "# Chosen by augment=auto for this run (results.json holds the evidence). Repeat it with\n"
+        f"#   python train.py --config-dir {path.parent.parent} augment=chosen ...\n"
+    )
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({"name": "chosen", "train": nodes})))
 
 
@@ -240,19 +258,111 @@ def loss_class_weights(table: ImageTable, task: Task, counts: dict[str, Any], sa
     return class_weights_for(counts["train"], task.class_weights, sampler)
 
 
+def build_module(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    table: ImageTable,
+    task: Task,
+    input_config: dict[str, Any],
+    model_kwargs: dict[str, Any],
+    weights: list[float] | None,
+    augment: AugmentPlan,
+) -> ClassifierModule:
+    """The LightningModule the stages train: the model, its task, optimizer, and what the plan fixed."""
+    if cfg.get("mixup") and not isinstance(task, Classification):
+        raise TransferError(
+            f"mixup blends one-hot class targets, which task={task.name} does not train on; drop mixup=... ."
+        )
+    return ClassifierModule(
+        model=model,
+        class_names=table.class_names,
+        optimizer=instantiate(cfg.optimizer),
+        backbone_name=cfg.backbone.name,
+        input_config=input_config,
+        model_kwargs=model_kwargs,
+        task=task,
+        class_weights=weights,
+        channels_last=cfg.runtime.channels_last,
+        coarse_blocks=cfg.backbone.coarse_blocks,
+        compile_model=cfg.runtime.compile,
+        mixup=instantiate(cfg.mixup, num_classes=table.num_classes) if cfg.get("mixup") else None,
+        splitter=instantiate(cfg.backbone.splitter) if cfg.backbone.get("splitter") else None,
+        symmetries=augment.symmetries,
+        tta=cfg.tta,
+    )
+
+
+def build_datamodule(
+    cfg: DictConfig, table: ImageTable, splits: dict[str, Any], input_config: dict[str, Any], augment: AugmentPlan
+) -> ImageDataModule:
+    """The loaders of the splits, the planned augmentation on the training one (checked to end at the
+    model's input size)."""
+    augmentations = instantiate(OmegaConf.create(list(augment.train))) if augment.train else None
+    datamodule = ImageDataModule(
+        table,
+        splits,
+        train_transform(augmentations, input_config),
+        eval_transform(input_config),
+        input_size=input_config["size"],
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.get("eval_batch_size"),
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu",
+        sampler=cfg.data.sampler,
+    )
+    datamodule.check_transforms()
+    return datamodule
+
+
+def search_lr(
+    cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, stages: list[Stage], run_dir: Path
+) -> tuple[list[Stage], dict[str, Any]]:
+    """``lr_find.enabled``: stage 0's lr from Lightning's finder (on cached features for a head-only stage)."""
+    features = (
+        FeatureDataModule(datamodule, module.model, module.channels_last)
+        if cfg.lr_find.get("on_features", True)
+        else None
+    )
+    return find_stage_lr(cfg.trainer, as_dict(cfg.lr_find), module, datamodule, stages, 0, run_dir, features)
+
+
+def data_plan(
+    cfg: DictConfig, table: ImageTable, splits: dict[str, Any], counts: dict[str, Any], skipped: list[tuple[str, str]]
+) -> DataPlan:
+    return DataPlan(
+        name=table.name,
+        images=len(table.paths),
+        kind=table.kind,
+        class_names=tuple(table.class_names),
+        split_sizes={name: len(rows) for name, rows in splits.items()},
+        split_counts=counts,
+        split={"test": float(cfg.data.split.test), "val": float(cfg.data.split.val)},
+        split_from=table.extra.get("manifest"),
+        batch_size=int(cfg.data.batch_size),
+        eval_batch_size=int(cfg.data.get("eval_batch_size") or cfg.data.batch_size),
+        sampler=str(cfg.data.sampler),
+        num_workers=int(cfg.data.num_workers),
+        skipped_images=tuple(path for path, _ in skipped),
+    )
+
+
 def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Planned:
-    """Every planning step (see the module docstring); the plan and what executes it."""
+    """Every planning step (see the module docstring); the plan and what executes it. ``started``: when
+    the run started (``time.perf_counter``), which the budget counts from."""
     run_dir = Path(cfg.paths.output_dir)
     tta_symmetries(cfg.tta, ())  # an unknown name fails now, not after training
     resumed = read_resume(cfg.get("resume"))
     if resumed and (cfg.get("budget") or {}).get("minutes"):
-        raise TransferError("budget.minutes plans new runs, not resumed ones: resume without it (the run "
-                            "continues the epochs its plan set).")
+        raise TransferError(
+            "budget.minutes plans new runs, not resumed ones: resume without it (the run "
+            "continues the epochs its plan set)."
+        )
     # 1. data
     task = build_task(cfg)
     table, skipped = run_images(cfg, resumed, run_dir, task)  # e.g. grades in order, tags, numbers
     splits = carve_splits(cfg, table)
-    # 2. model
+    # 2. model, and whether a resumed run is the same run
     model, input_config, model_kwargs = build_model(cfg, table, task)
     shape = run_shape(cfg, input_config)
     allowed = check_same_run(resumed, shape, bool(cfg.get("resume_allow_changes"))) if resumed else []
@@ -272,29 +382,13 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
     write_split(run_dir / MANIFEST, table, splits)
     counts = {name: table.counts(rows) for name, rows in splits.items()}
     weights = loss_class_weights(table, task, counts, cfg.data.sampler)
-    if cfg.get("mixup") and not isinstance(task, Classification):
-        raise TransferError(f"mixup blends one-hot class targets, which task={task.name} does not train on; "
-                            "drop mixup=... .")
     # 5. augmentation
     if earlier:
         augment = augment_from_dict(earlier["augment"], "resumed: the checkpoint's plan")
     else:
         augment = plan_augmentation(cfg, overrides, model, table, splits, input_config, run_dir)
-    module = ClassifierModule(
-        model=model, class_names=table.class_names, optimizer=instantiate(cfg.optimizer),
-        backbone_name=cfg.backbone.name, input_config=input_config, model_kwargs=model_kwargs, task=task,
-        class_weights=weights, channels_last=cfg.runtime.channels_last, coarse_blocks=cfg.backbone.coarse_blocks,
-        compile_model=cfg.runtime.compile,
-        mixup=instantiate(cfg.mixup, num_classes=table.num_classes) if cfg.get("mixup") else None,
-        splitter=instantiate(cfg.backbone.splitter) if cfg.backbone.get("splitter") else None,
-        symmetries=augment.symmetries, tta=cfg.tta)
-    augmentations = instantiate(OmegaConf.create(list(augment.train))) if augment.train else None
-    datamodule = ImageDataModule(
-        table, splits, train_transform(augmentations, input_config), eval_transform(input_config),
-        input_size=input_config["size"], batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.get("eval_batch_size"), num_workers=cfg.data.num_workers, seed=cfg.seed,
-        pin_memory=torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu", sampler=cfg.data.sampler)
-    datamodule.check_transforms()
+    module = build_module(cfg, model, table, task, input_config, model_kwargs, weights, augment)
+    datamodule = build_datamodule(cfg, table, splits, input_config, augment)
     # 6. budget
     budget = None
     if not earlier and (cfg.get("budget") or {}).get("minutes"):
@@ -303,36 +397,47 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
         notes.append(f"budget.minutes={cfg.budget.minutes:g}: epochs {budget['epochs']}, each stage with a deadline")
     # 7. learning rate
     lr_search = None
-    if not earlier and not resumed and cfg.lr_find.enabled:
-        features = FeatureDataModule(datamodule, module.model, module.channels_last) \
-            if cfg.lr_find.get("on_features", True) else None
-        stages, lr_search = find_stage_lr(cfg.trainer, OmegaConf.to_container(cfg.lr_find), module,  # type: ignore[arg-type]
-                                          datamodule, stages, 0, run_dir, features)
+    if not resumed and cfg.lr_find.enabled:
+        stages, lr_search = search_lr(cfg, module, datamodule, stages, run_dir)
         if lr_search.get("suggestion") is not None:
             notes.append(f"lr_find: stage 0 lr {lr_search['replaced_lr']:g} -> {lr_search['suggestion']:g}")
-    trainable = tuple(plan_trainable(module.model, stage.unfreeze, module.coarse_blocks, module.splitter)[1].describe()
-                      for stage in stages)
     plan = RunPlan(
-        run_dir=str(run_dir), seed=int(cfg.seed),
-        data=DataPlan(name=table.name, images=len(table.paths), kind=table.kind, class_names=tuple(table.class_names),
-                      split_sizes={name: len(rows) for name, rows in splits.items()}, split_counts=counts,
-                      split={"test": float(cfg.data.split.test), "val": float(cfg.data.split.val)},
-                      split_from=table.extra.get("manifest"), batch_size=int(cfg.data.batch_size),
-                      eval_batch_size=int(cfg.data.get("eval_batch_size") or cfg.data.batch_size),
-                      sampler=str(cfg.data.sampler), num_workers=int(cfg.data.num_workers),
-                      skipped_images=tuple(path for path, _ in skipped)),
-        model=ModelPlan(backbone=str(cfg.backbone.name), weights=str(cfg.backbone.weights), input=input_config,
-                        model_kwargs=model_kwargs),
-        task=TaskPlan(name=task.name, state=task.state(), label_smoothing=float(task.label_smoothing),
-                      class_weights=tuple(weights) if weights is not None else None, mixup=bool(cfg.get("mixup"))),
-        augment=augment, stages=tuple(stages), trainable=trainable,
+        run_dir=str(run_dir),
+        seed=int(cfg.seed),
+        data=data_plan(cfg, table, splits, counts, skipped),
+        model=ModelPlan(
+            backbone=str(cfg.backbone.name),
+            weights=str(cfg.backbone.weights),
+            input=input_config,
+            model_kwargs=model_kwargs,
+        ),
+        task=TaskPlan(
+            name=task.name,
+            state=task.state(),
+            label_smoothing=float(task.label_smoothing),
+            class_weights=tuple(weights) if weights is not None else None,
+            mixup=bool(cfg.get("mixup")),
+        ),
+        augment=augment,
+        stages=tuple(stages),
+        trainable=tuple(
+            plan_trainable(module.model, stage.unfreeze, module.coarse_blocks, module.splitter)[1].describe()
+            for stage in stages
+        ),
         monitor={"metric": str(cfg.monitor.metric), "mode": str(cfg.monitor.mode)},
-        min_steps=int(cfg.schedule.min_steps or 0), steps_per_epoch=steps, tta=str(cfg.tta), processes=processes,
-        notes=tuple(notes), budget=budget, lr_find=lr_search,
-        resume={"checkpoint": str(resumed["path"]), "stage_index": int(resumed["stage_index"]),
-                "stage_name": resumed["stage_name"]} if resumed else None)
+        min_steps=int(cfg.schedule.min_steps or 0),
+        steps_per_epoch=steps,
+        tta=str(cfg.tta),
+        processes=processes,
+        notes=tuple(notes),
+        budget=budget,
+        lr_find=lr_search,
+        resume={
+            "checkpoint": str(resumed["path"]),
+            "stage_index": int(resumed["stage_index"]),
+            "stage_name": resumed["stage_name"],
+        }
+        if resumed
+        else None,
+    )
     return Planned(plan, module, datamodule, table, shape)
-
-
-def planning_seconds(started: float) -> float:
-    return round(time.perf_counter() - started, 1)

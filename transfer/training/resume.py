@@ -10,13 +10,14 @@ resumed run compares shapes and refuses, showing each difference, unless
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from transfer.config.compose import as_dict
 from transfer.config.names import numbers_equal, upgrade
 from transfer.errors import TransferError
 
@@ -29,21 +30,20 @@ SHAPE_VERSION = 2
 
 def run_shape(cfg: DictConfig, input_config: Mapping[str, Any]) -> dict[str, Any]:
     """The settings that make a run the run it is, as plain values (stored in every checkpoint)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    assert isinstance(data, dict)
     return {
         "version": SHAPE_VERSION,
         "seed": cfg.seed,
-        "data": {k: v for k, v in data.items() if k not in DATA_SPEED_KEYS},
+        "data": {k: v for k, v in as_dict(cfg.data).items() if k not in DATA_SPEED_KEYS},
         "input": dict(input_config),
-        "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
-        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
-        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "schedule": as_dict(cfg.schedule),
+        "backbone": as_dict(cfg.backbone),
+        "optimizer": as_dict(cfg.optimizer),
+        "task": as_dict(cfg.task),
     }
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, Mapping):
         items = value.items()
     elif isinstance(value, list):
@@ -61,17 +61,18 @@ def shape_differences(before: Mapping[str, Any], now: Mapping[str, Any], only_be
     ``only_before``: settings ``before`` does not record are not compared (it predates them)."""
     old, new = flatten(before), flatten(now)
     keys = set(old) if only_before else set(old) | set(new)
-    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
-            for key in sorted(keys) if not numbers_equal(old.get(key, "(unset)"), new.get(key, "(unset)"))]
+    return [
+        f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+        for key in sorted(keys)
+        if not numbers_equal(old.get(key, "(unset)"), new.get(key, "(unset)"))
+    ]
 
 
 def upgrade_shape(shape: Mapping[str, Any]) -> dict[str, Any]:
     """A shape written before today's config names, in today's names."""
     cfg = OmegaConf.create({k: v for k, v in shape.items() if k != "version"})
     upgrade(cfg, announce=False)
-    upgraded = OmegaConf.to_container(cfg)
-    assert isinstance(upgraded, dict)
-    return upgraded
+    return as_dict(cfg)
 
 
 def read_resume(resume: str | None) -> dict[str, Any]:
@@ -81,8 +82,10 @@ def read_resume(resume: str | None) -> dict[str, Any]:
         return {}
     path = Path(resume).expanduser()
     if not path.is_file():
-        raise TransferError(f"Checkpoint '{path}' does not exist; pass resume=PATH to a .ckpt file from a run's "
-                            "checkpoints/ folder (last.ckpt resumes where it stopped).")
+        raise TransferError(
+            f"Checkpoint '{path}' does not exist; pass resume=PATH to a .ckpt file from a run's "
+            "checkpoints/ folder (last.ckpt resumes where it stopped)."
+        )
     state = torch.load(path, map_location="cpu", weights_only=True).get("transfer")
     if state is None:
         raise TransferError(f"'{path}' was not written by transfer (no schedule state in it).")
@@ -97,12 +100,14 @@ def check_same_run(state: Mapping[str, Any], shape: Mapping[str, Any], allow_cha
     if before.get("version") == SHAPE_VERSION:
         differences = shape_differences(before, shape)
     else:
-        differences = shape_differences(upgrade_shape(before), {k: v for k, v in shape.items() if k != "version"},
-                                        only_before=True)
+        differences = shape_differences(
+            upgrade_shape(before), {k: v for k, v in shape.items() if k != "version"}, only_before=True
+        )
     if differences and not allow_changes:
         listing = "\n".join(f"  {line}" for line in differences[:20])
         raise TransferError(
             f"The checkpoint was written by a run with other settings than this one:\n{listing}\n"
             "Resume with the first run's settings (its config.yaml), or pass resume_allow_changes=true "
-            "to continue it with these.")
+            "to continue it with these."
+        )
     return differences

@@ -34,9 +34,11 @@ PLAN = "plan.json"
 def check_fresh_run_dir(run_dir: Path) -> None:
     """Never write a run into a directory that already holds one."""
     used = [p for p in (run_dir / CHECKPOINT_DIR, run_dir / "results.json") if p.exists()]
-    if used and rank_zero_only.rank == 0:
-        raise TransferError(f"'{run_dir}' already holds a run ({used[0].name} exists); a new run "
-                            "needs a new directory. Remove the hydra.run.dir override or pick another.")
+    if used and getattr(rank_zero_only, "rank", 0) == 0:
+        raise TransferError(
+            f"'{run_dir}' already holds a run ({used[0].name} exists); a new run "
+            "needs a new directory. Remove the hydra.run.dir override or pick another."
+        )
 
 
 @rank_zero_only
@@ -113,9 +115,13 @@ def fit_and_test(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[dict[s
         "input": plan.model.input,
         "budget": plan.budget,
         "lr_find": plan.lr_find,
-        "augment": {"name": plan.augment.name, "chosen_by": plan.augment.chosen_by,
-                    "train": list(plan.augment.train) if plan.augment.train else None, **(plan.augment.probe or {}),
-                    "symmetries": list(plan.augment.symmetries)},
+        "augment": {
+            "name": plan.augment.name,
+            "chosen_by": plan.augment.chosen_by,
+            "train": list(plan.augment.train) if plan.augment.train else None,
+            **(plan.augment.probe or {}),
+            "symmetries": list(plan.augment.symmetries),
+        },
         "monitor": plan.monitor,
         "tta": plan.tta,
         "plan": str(run_dir / PLAN),

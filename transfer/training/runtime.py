@@ -48,7 +48,7 @@ def quiet_lightning() -> None:
         handler.addFilter(_DropLightningTips())
     for message in (
         ".*module\\(s\\) in eval mode at the start of training.*",  # frozen blocks stay in eval
-        ".*Checkpoint directory .* exists and is not empty.*",     # one checkpoint dir, all stages
+        ".*Checkpoint directory .* exists and is not empty.*",  # one checkpoint dir, all stages
         ".*callbacks used to create the checkpoint need to be provided.*",  # testing a checkpoint
         ".*does not have many workers which may be a bottleneck.*",  # workers are chosen per machine
         ".*Experiment logs directory .* exists and is not empty.*",  # one CSV log across stages
@@ -65,7 +65,7 @@ def configure_process(malloc_tuning: bool = True) -> None:
     quiet_lightning()
     from lightning.pytorch.utilities import rank_zero_only
 
-    if rank_zero_only.rank != 0:  # other processes report through rank 0; keep their warnings
+    if getattr(rank_zero_only, "rank", 0) != 0:  # other processes report through rank 0; keep their warnings
         logging.getLogger("transfer").setLevel(logging.WARNING)
 
 

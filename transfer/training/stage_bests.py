@@ -47,8 +47,11 @@ class StageBests(L.Callback):
         self._stage, self._checkpoint = stage, checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        current = (record_of(self._stage, self._checkpoint)
-                   if self._checkpoint is not None and self._checkpoint.best_model_path else None)
+        current = (
+            record_of(self._stage, self._checkpoint)
+            if self._stage is not None and self._checkpoint is not None and self._checkpoint.best_model_path
+            else None
+        )
         return {"records": list(self.records), "current": current}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -60,8 +63,12 @@ class StageBests(L.Callback):
         assert self._stage is not None and self._checkpoint is not None, "watch() a stage first"
         record = record_of(self._stage, self._checkpoint)
         earlier, self.before_resume = self.before_resume, None
-        if earlier and earlier["stage"] == self._stage and earlier["score"] is not None and (
-                record["score"] is None or better(earlier["score"], record["score"], self.mode)):
+        if (
+            earlier
+            and earlier["stage"] == self._stage
+            and earlier["score"] is not None
+            and (record["score"] is None or better(earlier["score"], record["score"], self.mode))
+        ):
             record = earlier
         self.records.append(record)
         self._stage, self._checkpoint = None, None

@@ -33,15 +33,24 @@ class TimmSyncBatchNorm(LayerSync):
 
     def revert(self, model: nn.Module) -> nn.Module:
         """Back to ``BatchNormAct2d`` / ``BatchNorm{1,2,3}d``-compatible layers, same tensors."""
-        converted = model
+        converted: nn.Module = model
         if isinstance(model, nn.SyncBatchNorm):
+            momentum = 0.1 if model.momentum is None else model.momentum  # None: a cumulative average
             if isinstance(model, SyncBatchNormAct):
-                converted = BatchNormAct2d(model.num_features, model.eps, model.momentum, model.affine,
-                                           model.track_running_stats, apply_act=False)
-                converted.act, converted.drop = model.act, model.drop
+                converted = BatchNormAct2d(
+                    model.num_features,
+                    model.eps,
+                    momentum,
+                    model.affine,
+                    model.track_running_stats,
+                    apply_act=False,
+                )
+                converted.act, converted.drop = getattr(model, "act"), getattr(model, "drop")  # noqa: B009
+                converted.momentum = model.momentum
             else:
-                converted = nn.BatchNorm2d(model.num_features, model.eps, model.momentum, model.affine,
-                                           model.track_running_stats)
+                converted = nn.BatchNorm2d(
+                    model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats
+                )
             if model.affine:
                 with torch.no_grad():
                     converted.weight, converted.bias = model.weight, model.bias
@@ -60,5 +69,7 @@ def check_sync_batchnorm(trainer_cfg: Any) -> None:
         return
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
-        raise TransferError("trainer.sync_batchnorm=true synchronises BatchNorm across GPUs (torch's "
-                            "SyncBatchNorm works on CUDA only); on CPU processes leave it false.")
+        raise TransferError(
+            "trainer.sync_batchnorm=true synchronises BatchNorm across GPUs (torch's "
+            "SyncBatchNorm works on CUDA only); on CPU processes leave it false."
+        )
