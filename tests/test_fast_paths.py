@@ -97,6 +97,34 @@ def test_feature_cache_trains_the_same_head_as_images(image_folder: Path, tmp_pa
     assert cached["test"]["loss"] == pytest.approx(images["test"]["loss"], abs=1e-4)
 
 
+def test_backbone_features_are_computed_once_per_run(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lr search on cached features and the head stage after it share one feature cache: a second
+    pass would cost a backbone epoch, and its loader workers' seeds would shift the training's RNG."""
+    import transfer.training.feature_cache as feature_cache
+
+    splits: list[int] = []
+
+    def counted(model, loader, *args, **kwargs):
+        splits.append(len(loader.dataset))
+        return extract(model, loader, *args, **kwargs)
+
+    extract = feature_cache.extract_features
+    monkeypatch.setattr(feature_cache, "extract_features", counted)
+    results, _ = run(
+        tmp_path,
+        image_folder,
+        "search",
+        "augment=none",
+        "feature_cache=true",
+        "lr_find.enabled=true",
+        "lr_find.num_training=12",
+    )
+    assert results["lr_find"]["on_features"] and results["stages"][0]["feature_cache"]
+    assert len(splits) == 2  # train and val, once
+
+
 def test_feature_cache_refuses_random_augmentation(image_folder: Path, tmp_path: Path) -> None:
     cfg = compose_config(
         [

@@ -30,7 +30,8 @@ from transfer.training.run import fit_and_test, plan_only
 class FineTuneResult:
     """What a run left: its folder, its best checkpoint, its test metrics (as in results.json) and
     its plan. For a cross-validation (``cv.folds=K``): the fold ensemble's test metrics, no single
-    checkpoint or plan (each fold's are in ``fold_<k>/``). With ``plan_only=true``: the plan alone."""
+    checkpoint or plan (each fold's are in ``fold_<k>/``). With ``plan_only=true``: the plan alone
+    (of the run on the whole split, also when ``cv.folds`` is set)."""
 
     run_dir: Path
     checkpoint: Path | None
@@ -43,11 +44,11 @@ def fine_tune_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> FineTune
     """Run the job ``cfg`` (a composed ``train`` config) describes: a fine-tuning run, a
     cross-validation, or only its plan. ``overrides``: the strings it was composed with."""
     run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("plan_only"):
+        return FineTuneResult(run_dir, None, {}, plan_only(cfg, overrides).plan)
     if cfg.cv.folds:
         summary = cross_validate(cfg, tuple(overrides))
         return FineTuneResult(run_dir, None, summary["test_ensemble"], None, summary)
-    if cfg.get("plan_only"):
-        return FineTuneResult(run_dir, None, {}, plan_only(cfg, overrides).plan)
     results, plan = fit_and_test(cfg, overrides)
     checkpoint = results["best_checkpoint"]["path"]
     return FineTuneResult(run_dir, Path(checkpoint) if checkpoint else None, results["test"], plan, results)

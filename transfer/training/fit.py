@@ -42,14 +42,22 @@ def fit_plan(
     record: RunRecord,
     logger: Any,
     started: float,
+    features: FeatureDataModule | None = None,
 ) -> tuple[list[dict[str, Any]], StageBests]:
     """Every stage of ``plan`` from its first (a resumed run's), each one ``Trainer.fit``; the stages'
-    reports for results.json and the best checkpoint of each."""
+    reports for results.json and the best checkpoint of each. ``features``: the pretrained backbone's
+    cached features (from the lr search), for the stages on cached features that no unfrozen stage
+    precedes."""
     bests = StageBests(plan.monitor["mode"])  # restored from the checkpoint when resuming
     reports: list[dict[str, Any]] = []
     for index in range(plan.first_stage, len(plan.stages)):
         resume = plan.resume["checkpoint"] if plan.resume and index == plan.first_stage else None
         log_step = reports[-1]["logged_steps"] if reports else 0
+        stage = plan.stages[index]
+        if stage.unfreeze != 0:
+            features = None  # the backbone changes from here on: its features with it
+        elif stage.feature_cache and features is None:
+            features = FeatureDataModule(datamodule, module.model, module.channels_last)
         reports.append(
             fit_stage(
                 cfg,
@@ -61,7 +69,8 @@ def fit_plan(
                 [bests, record],
                 resume,
                 log_step,
-                seconds_until(plan.stages[index].ends_by, started),
+                seconds_until(stage.ends_by, started),
+                features if stage.feature_cache else None,
             )
         )
     return reports, bests
@@ -78,9 +87,11 @@ def fit_stage(
     resume: str | None,
     log_step: int,
     max_seconds: float | None,
+    features: FeatureDataModule | None = None,
 ) -> dict[str, Any]:
     """Stage ``index`` of the plan as one ``Trainer.fit`` (resumed from ``resume`` when it continues an
-    interrupted run; its loggers' steps from ``log_step``; stopped after ``max_seconds``); its report."""
+    interrupted run; its loggers' steps from ``log_step``; stopped after ``max_seconds``); its report.
+    A stage on cached features trains on ``features``, which are computed on its first use."""
     stage, run_dir, bests = plan.stages[index], Path(plan.run_dir), shared[0]
     assert isinstance(bests, StageBests)
     trainable = module.set_stage(stage, index, features_cached=stage.feature_cache)
@@ -93,7 +104,9 @@ def fit_stage(
         trainable.describe(),
         ", on cached backbone features" if stage.feature_cache else "",
     )
-    data = FeatureDataModule(datamodule, module.model, module.channels_last) if stage.feature_cache else datamodule
+    if stage.feature_cache and features is None:
+        features = FeatureDataModule(datamodule, module.model, module.channels_last)
+    data = features if stage.feature_cache else datamodule
     monitor, mode = plan.monitor["metric"], plan.monitor["mode"]
     best = LatestBestCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,

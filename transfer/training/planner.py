@@ -67,6 +67,9 @@ class Planned:
     datamodule: ImageDataModule
     table: ImageTable
     run_shape: dict[str, Any]
+    # The pretrained backbone's features of the train and val images, when the lr search computed
+    # them: the first stages on cached features train on these rather than computing them again.
+    features: FeatureDataModule | None = None
 
 
 def build_task(cfg: DictConfig) -> Task:
@@ -317,14 +320,16 @@ def build_datamodule(
 
 def search_lr(
     cfg: DictConfig, module: ClassifierModule, datamodule: ImageDataModule, stages: list[Stage], run_dir: Path
-) -> tuple[list[Stage], dict[str, Any]]:
-    """``lr_find.enabled``: stage 0's lr from Lightning's finder (on cached features for a head-only stage)."""
+) -> tuple[list[Stage], dict[str, Any], FeatureDataModule | None]:
+    """``lr_find.enabled``: stage 0's lr from Lightning's finder (on cached features for a head-only
+    stage); the new stages, the search's report and the features it cached (None if it used none)."""
     features = (
         FeatureDataModule(datamodule, module.model, module.channels_last)
         if cfg.lr_find.get("on_features", True)
         else None
     )
-    return find_stage_lr(cfg.trainer, as_dict(cfg.lr_find), module, datamodule, stages, 0, run_dir, features)
+    stages, report = find_stage_lr(cfg.trainer, as_dict(cfg.lr_find), module, datamodule, stages, 0, run_dir, features)
+    return stages, report, features if report.get("on_features") else None
 
 
 def data_plan(
@@ -396,9 +401,9 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
         stages, budget = plan_budget(float(cfg.budget.minutes), started, module, datamodule, stages)
         notes.append(f"budget.minutes={cfg.budget.minutes:g}: epochs {budget['epochs']}, each stage with a deadline")
     # 7. learning rate
-    lr_search = None
+    lr_search, features = None, None
     if not resumed and cfg.lr_find.enabled:
-        stages, lr_search = search_lr(cfg, module, datamodule, stages, run_dir)
+        stages, lr_search, features = search_lr(cfg, module, datamodule, stages, run_dir)
         if lr_search.get("suggestion") is not None:
             notes.append(f"lr_find: stage 0 lr {lr_search['replaced_lr']:g} -> {lr_search['suggestion']:g}")
     plan = RunPlan(
@@ -440,4 +445,4 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
         if resumed
         else None,
     )
-    return Planned(plan, module, datamodule, table, shape)
+    return Planned(plan, module, datamodule, table, shape, features)

@@ -99,7 +99,7 @@ def fit_and_test(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[dict[s
     plan, module, datamodule = planned.plan, planned.module, planned.datamodule
     logger = instantiate_named(cfg, "logger") or False
     record = RunRecord(plan.to_dict(), planned.run_shape)
-    stage_reports, bests = fit_plan(cfg, plan, module, datamodule, record, logger, began)
+    stage_reports, bests = fit_plan(cfg, plan, module, datamodule, record, logger, began, planned.features)
     best, test_metrics, confusion, world_size = test_best(cfg, plan, module, datamodule, logger, bests)
     results = {
         "run_dir": str(run_dir),
