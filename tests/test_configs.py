@@ -39,7 +39,7 @@ def test_default_config_is_the_embedded_offline_job() -> None:
     assert cfg.backbone.name == "tf_efficientnet_lite0" and cfg.backbone.weights == "auto"
     assert cfg.data.source._target_ == "transfer.data.sources.elpv"
     assert cfg.data.source.task == "defective"
-    assert (cfg.data.split.test, cfg.data.split.val) == (0.25, 0.075)
+    assert (cfg.data.split.test, cfg.data.split.val) == (0.25, 0.1)
     assert [s.unfreeze for s in parse_stages(cfg.schedule.stages)][0] == 0
     assert (cfg.monitor.metric, cfg.monitor.mode) == ("val/acc", "max")  # the task's own
 
@@ -100,6 +100,7 @@ OLD_NAMES = [
     ("class_weights=balanced", "task.class_weights", "balanced"),
     ("backbone.pretrained=false", "backbone.weights", "none"),
     ("data.test_fraction=0.3", "data.split.test", 0.3),
+    ("data.val_fraction=0.2", "data.split.val", 0.2),
     ("+schedule.stages.1.patience=4", "schedule.stages.1.patience", 4),
 ]
 
@@ -113,13 +114,6 @@ def test_old_names_keep_working_with_a_deprecation_message(override: str, new: s
     if not old.startswith("schedule."):
         assert OmegaConf.select(cfg, old) is None
         assert any(new.split(".")[-1] in r.getMessage() and "Deprecated" in r.getMessage() for r in caplog.records)
-
-
-def test_the_old_validation_fraction_is_converted_to_a_share_of_all_images(caplog) -> None:
-    cfg = compose_config(["data=folder", "data.root=/x", "data.test_fraction=0.2", "data.val_fraction=0.1"])
-    assert (cfg.data.split.test, cfg.data.split.val) == (0.2, pytest.approx(0.08))
-    old_elpv = compose_config(["data.val_fraction=0.1"])  # ELPV's test share, 0.25: the same 197 images
-    assert old_elpv.data.split.val == pytest.approx(0.075)
 
 
 def test_early_stopping_by_callback_becomes_each_stages_patience() -> None:

@@ -28,15 +28,16 @@ from transfer.errors import DataError, ImageReadError
 
 def test_stratified_splits_are_disjoint_complete_and_seeded() -> None:
     labels = np.array([0] * 700 + [1] * 250 + [2] * 50)
-    splits = split_indices(labels, test=0.25, val=0.075, seed=1)
+    splits = split_indices(labels, test=0.25, val=0.1, seed=1)
     joined = np.concatenate(list(splits.values()))
     assert len(joined) == len(labels) == len(set(joined.tolist()))
-    for name, fraction in (("test", 0.25), ("val", 0.075)):  # both shares of all the images
+    # test: a quarter of all the images; val: a tenth of the three quarters the test split left
+    for name, fraction in (("test", 0.25), ("val", 0.075)):
         for label, count in ((0, 700), (1, 250), (2, 50)):
             got = (labels[splits[name]] == label).sum()
             assert abs(got - fraction * count) <= 1.5, (name, label, got)
-    again = split_indices(labels, 0.25, 0.075, seed=1)
-    other = split_indices(labels, 0.25, 0.075, seed=2)
+    again = split_indices(labels, 0.25, 0.1, seed=1)
+    other = split_indices(labels, 0.25, 0.1, seed=2)
     assert all(np.array_equal(splits[k], again[k]) for k in splits)
     assert not np.array_equal(splits["test"], other["test"])
 
@@ -46,7 +47,7 @@ def test_predefined_splits_are_kept_and_val_is_carved_from_train() -> None:
     predefined = np.array(["train"] * 80 + ["test"] * 20, dtype=object)
     splits = split_indices(labels, test=0.25, val=0.2, seed=0, predefined=predefined)
     assert set(splits["test"].tolist()) == set(range(80, 100))
-    # with a test split of its own, the data's unassigned images are its 80 training ones
+    # the data's own test split is kept; val is a fifth of its 80 training images
     assert len(splits["val"]) == 16 and set(splits["val"]) <= set(range(80))
 
 

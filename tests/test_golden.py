@@ -35,7 +35,7 @@ from transfer.training.planner import build_task
 GOLDEN = ROOT / "tests" / "golden"
 RUN_ROOT = Path("/tmp/transfer_golden_9db41d8")  # where the old run lived; its checkpoints name files there
 
-# The panel sets, in today's names (the old ones: test_fraction 0.2 or 0.25, val_fraction 0.1 of the rest).
+# The panel sets, in the current names (data.split.test and .val were data.test_fraction and .val_fraction).
 PANEL = {
     "elpv_defective": ["data=elpv"],
     "elpv_severity": ["data=elpv_severity"],
@@ -102,7 +102,7 @@ LR_RUNS = {
     "head_only": ["schedule=head_only"],
     "two_stage_layer_decay": ["schedule=two_stage", "schedule.stages.1.layer_decay=0.7"],
 }
-# The recording's settings, in today's names (data.split.val 0.08: the old 0.1 of what the test split left).
+# The recording's settings, in the current names.
 LR_COMMON = [
     "backbone=timm",
     "backbone.name=test_resnet",
@@ -114,7 +114,6 @@ LR_COMMON = [
     "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
     "data=folder",
-    "data.split.val=0.08",
 ]
 
 
@@ -183,15 +182,13 @@ def test_the_samplers_draw_the_same_indices_on_one_and_two_processes() -> None:
                         } == recorded[key], key
 
 
-# The old run's settings in today's names: backbone.weights=none (was backbone.pretrained=false), and
-# data.split.val=0.08 (the old 0.1 of what the test split left).
+# The old run's settings in the current names: backbone.weights=none (was backbone.pretrained=false).
 OLD_RUN = [
     *FAST,
     "backbone.name=test_efficientnet",
     "schedule.stages.1.epochs=2",
     "augment=none",
     "data=folder",
-    "data.split.val=0.08",
     f"data.root={RUN_ROOT / 'images'}",
 ]
 
@@ -255,7 +252,7 @@ def test_an_old_interrupted_run_resumes_to_the_old_uninterrupted_runs_weights(ol
 
     resumed = train_run([*OLD_RUN, f"resume={old_run / 'run' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "resumed")
     assert [s["name"] for s in resumed["stages"]] == ["finetune"]  # continued in the stage it stopped in
-    fresh = train_run(OLD_RUN, tmp_path / "fresh")  # the same run from scratch, on today's code
+    fresh = train_run(OLD_RUN, tmp_path / "fresh")  # the same run from scratch, on the current code
     for results, run_dir in ((resumed, tmp_path / "resumed"), (fresh, tmp_path / "fresh")):
         assert results["test"] == pytest.approx(expected["test"], abs=1e-6)
         assert results["confusion_matrix"] == expected["confusion_matrix"]

@@ -30,9 +30,11 @@ RENAMED = {
     "cv.resume": "resume",
     "label_smoothing": "task.label_smoothing",
     "class_weights": "task.class_weights",
+    "data.test_fraction": "data.split.test",
+    "data.val_fraction": "data.split.val",
 }
 # keys whose meaning changed as they moved; converted in `upgrade`
-CONVERTED = ("backbone.pretrained", "data.test_fraction", "data.val_fraction")
+CONVERTED = ("backbone.pretrained",)
 # _target_ paths that moved when the package was split by concern
 MOVED_TARGETS = {
     "transfer.backbone.create_backbone": "transfer.model.backbone.create_backbone",
@@ -122,20 +124,6 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
                 "backbone.pretrained is now part of backbone.weights: backbone.pretrained=false is "
                 "backbone.weights=none"
             )
-        if _has(cfg, "data.test_fraction") or _has(cfg, "data.val_fraction"):
-            split = cfg.data.get("split") or OmegaConf.create({"test": 0.0, "val": 0.0})
-            test = _pop(cfg, "data.test_fraction") if _has(cfg, "data.test_fraction") else split.test
-            if _has(cfg, "data.val_fraction"):
-                # a share of what the test split left, now a share of all the unassigned images
-                val = float(_pop(cfg, "data.val_fraction")) * (1.0 - float(test))
-            else:
-                val = split.val
-            cfg.data.split = {"test": float(test), "val": round(val, 12)}
-            messages.append(
-                f"data.test_fraction and data.val_fraction are now data.split.test and data.split.val, both "
-                f"shares of all images: data.split.test={float(test):g} data.split.val={round(val, 12):g} "
-                "(for data with its own test folder, data.split.val is a share of its training images)"
-            )
         stages = _select(cfg, "schedule.stages")
         if isinstance(stages, ListConfig):
             raised = [
@@ -171,7 +159,7 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
 
 
 def training_config(ckpt: str | Path) -> DictConfig | None:
-    """The resolved config of the run that wrote ``ckpt`` (run_dir/checkpoints/x.ckpt), in today's
+    """The resolved config of the run that wrote ``ckpt`` (run_dir/checkpoints/x.ckpt), in the current
     names, if the run folder has one."""
     path = Path(ckpt).expanduser().resolve().parent.parent / "config.yaml"
     if not path.is_file():
@@ -183,7 +171,7 @@ def training_config(ckpt: str | Path) -> DictConfig | None:
 
 
 def numbers_equal(a: Any, b: Any) -> bool:
-    """Equal settings, floats within rounding (0.1 * 0.75 is 0.075)."""
+    """Equal settings, floats within rounding (a value written by another version may be rounded)."""
     if isinstance(a, float) or isinstance(b, float):
         try:
             return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)

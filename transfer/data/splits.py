@@ -1,9 +1,10 @@
 """Stratified, seeded, disjoint train/val/test splits, and the folds of a cross-validation.
 
-``data.split.test`` and ``data.split.val`` are shares of the images the dataset leaves unassigned:
-of all of them, unless the dataset fixes some splits itself (``train/`` and ``test/`` folders, a
-split column), in which case the missing splits are carved from its training images. So test 0.25
-and val 0.075 give 2,624 ELPV cells a 1,771 / 197 / 656 split.
+Each share is of the images left when its split is carved, test first: ``data.split.test`` of the
+images without a split of their own (all of them, unless the dataset has ``train/`` and ``test/``
+folders or a split column), ``data.split.val`` of the training images the test split left. So
+test 0.25 and val 0.1 give 2,624 ELPV cells a 1,771 / 197 / 656 split (the 75/25 protocol, a
+tenth of the training part for validation), and 0.2 and 0.1 a plain folder 72 / 8 / 20.
 
 Single-label data is stratified class by class, with our own seeded draw: scikit-learn's
 ``train_test_split(stratify=)`` draws other images, and users compare runs on "the same 656 test
@@ -16,15 +17,13 @@ leave most combinations too small to split. Folds come from scikit-learn's ``Str
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 
 from transfer.errors import DataError
 
 
 def _take_stratified(
-    indices: np.ndarray, labels: np.ndarray, fraction: Fraction, rng: np.random.Generator
+    indices: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (rest, taken) with ``fraction`` of every class (or tag) in ``taken``."""
     if labels.ndim == 2:
@@ -43,7 +42,7 @@ def _take_stratified(
 
 
 def _take_multilabel(
-    indices: np.ndarray, tags: np.ndarray, fraction: Fraction, rng: np.random.Generator
+    indices: np.ndarray, tags: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
@@ -55,20 +54,13 @@ def _take_multilabel(
     return np.sort(indices[rest]), np.sort(indices[taken])
 
 
-def share_of(share: float, unassigned: int, pool: int) -> Fraction:
-    """The fraction of ``pool`` images that is ``share`` of the ``unassigned`` ones, exactly (shares
-    as written, 0.075, not as the nearest float), so equal shares give equal splits."""
-    return Fraction(str(share)) * unassigned / max(1, pool)
-
-
 def split_indices(
     labels: np.ndarray, test: float, val: float, seed: int, predefined: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Indices for "train", "val" and "test"; ``labels``: class indices, or a 0/1 tag matrix.
 
-    ``test`` and ``val`` are shares of the images without a predefined split (all of them when
-    ``predefined`` is None); splits the dataset defines are kept, the missing ones carved,
-    stratified, from its training images: test first, then val.
+    Splits the dataset defines (``predefined``) are kept; the missing ones are carved, stratified,
+    from its training images: ``test`` of them first, then ``val`` of those the test split left.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -78,11 +70,10 @@ def split_indices(
     train = everything[predefined == "train"]
     test_rows = everything[predefined == "test"]
     val_rows = everything[predefined == "val"]
-    unassigned = len(train)
     if len(test_rows) == 0 and test > 0:
-        train, test_rows = _take_stratified(train, labels, share_of(test, unassigned, len(train)), rng)
+        train, test_rows = _take_stratified(train, labels, test, rng)
     if len(val_rows) == 0 and val > 0:
-        train, val_rows = _take_stratified(train, labels, share_of(val, unassigned, len(train)), rng)
+        train, val_rows = _take_stratified(train, labels, val, rng)
     return {"train": train, "val": val_rows, "test": test_rows}
 
 

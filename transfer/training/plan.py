@@ -30,7 +30,7 @@ class DataPlan:
     class_names: tuple[str, ...]  # classes, tags or regression targets, in the model's output order
     split_sizes: dict[str, int]  # images per split
     split_counts: dict[str, dict[str, int | float]]  # per class: images (per tag: positives; per target: mean)
-    split: dict[str, float]  # data.split: test and val shares of the unassigned images
+    split: dict[str, float]  # data.split: test share of the images without a split, then val share of the rest
     split_from: str | None  # a run's split.csv the splits were read from (resuming, cross-validation)
     batch_size: int
     eval_batch_size: int
@@ -106,7 +106,7 @@ class RunPlan:
             + (
                 f" (read from {data.split_from})"
                 if data.split_from
-                else f" (data.split: test {data.split['test']:g}, val {data.split['val']:g})"
+                else f" (data.split: test {data.split['test']:g}, val {data.split['val']:g} of the rest)"
             ),
             f"  model {model.backbone} (weights: {model.weights}), input {model.input['size']}, "
             f"mean {model.input['mean']}, std {model.input['std']}",

@@ -23,7 +23,7 @@ from transfer.errors import TransferError
 
 # Data keys that only change how fast images arrive, not which ones or what they look like.
 DATA_SPEED_KEYS = ("num_workers", "eval_batch_size")
-# 2: today's config names; shapes without a version were written with the names before it and are
+# 2: the current config names; shapes without a version were written with the names before it and are
 # upgraded (`transfer.config.names`) before they are compared.
 SHAPE_VERSION = 2
 
@@ -69,7 +69,7 @@ def shape_differences(before: Mapping[str, Any], now: Mapping[str, Any], only_be
 
 
 def upgrade_shape(shape: Mapping[str, Any]) -> dict[str, Any]:
-    """A shape written before today's config names, in today's names."""
+    """A shape written before the current config names, in the current names."""
     cfg = OmegaConf.create({k: v for k, v in shape.items() if k != "version"})
     upgrade(cfg, announce=False)
     return as_dict(cfg)
