@@ -52,6 +52,11 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     return fine_tune(overrides, run_dir=run_dir).results
 
 
+def run_folders(runs: Path) -> list[Path]:
+    """The run folders under ``<log_dir>/runs``, oldest first (not the ``latest`` link)."""
+    return sorted(p for p in runs.iterdir() if p.is_dir() and not p.is_symlink())
+
+
 def make_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
     """Class 0: dark with horizontal stripes; class 1: bright with vertical stripes; plus noise."""
     base = np.zeros((size, size), dtype=np.float32)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]  # read as text: nothing of transfer 
 PACKAGE = ROOT / "transfer"
 # Lowest first: a module may import its own package and the layers before it, never those after.
 LAYERS = [
-    ("transfer.errors", "transfer.compat", "transfer.config"),
+    ("transfer.errors", "transfer.compat", "transfer.progress", "transfer.config"),
     ("transfer.data",),
     ("transfer.tasks",),
     ("transfer.model",),

@@ -18,7 +18,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tests.fixtures import FAST, ROOT, compose_config, make_image, train_config, train_run, write_image_folder
+from tests.fixtures import (
+    FAST,
+    ROOT,
+    compose_config,
+    make_image,
+    run_folders,
+    train_config,
+    train_run,
+    write_image_folder,
+)
 from transfer.data.datamodule import ImageDataset
 from transfer.data.scan import find_bad_images
 from transfer.data.transforms import eval_transform
@@ -206,7 +215,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_in_a_new_directory(tmp_pa
     deadline = time.time() + 240
     last = None
     while time.time() < deadline and process.poll() is None:
-        found = list((tmp_path / "logs").glob("runs/*/checkpoints/last.ckpt"))
+        runs = tmp_path / "logs" / "runs"
+        found = [r / "checkpoints" / "last.ckpt" for r in (run_folders(runs) if runs.is_dir() else [])]
+        found = [f for f in found if f.is_file()]
         if found and torch.load(found[0], weights_only=True)["transfer"]["stage_index"] == 1:
             last = found[0]
             break
@@ -219,7 +230,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_in_a_new_directory(tmp_pa
 
     done = subprocess.run([*args, f"resume={last}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = sorted((tmp_path / "logs" / "runs").iterdir())
+    runs = run_folders(tmp_path / "logs" / "runs")
     assert len(runs) == 2 and killed_dir in runs  # the killed run's directory is kept as it was
     (resumed_dir,) = [r for r in runs if r != killed_dir]
     results = json.loads((resumed_dir / "results.json").read_text())

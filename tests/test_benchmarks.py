@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.fixtures import ROOT, train_run
+from tests.fixtures import ROOT, run_folders, train_run
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
@@ -105,7 +105,7 @@ def test_panel_runs_default_hand_chosen_and_pixel_baseline_end_to_end(tmp_path) 
     assert "SquareSymmetry" in elpv and "auto:" not in elpv  # ELPV names its own (cells)
     assert "auto:" in faces  # a folder of images gets augment=auto
     assert "±" in faces and "±" not in elpv  # the few-image dataset averages its seeds
-    runs = sorted(p.name for p in (tmp_path / "panel" / "runs").iterdir())
+    runs = [p.name for p in run_folders(tmp_path / "panel" / "runs")]
     assert runs == [
         "elpv_defective-default",
         *(f"elpv_defective-hand{i}" for i in range(5)),

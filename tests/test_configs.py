@@ -127,3 +127,20 @@ def test_a_loss_option_for_a_task_without_it_is_refused() -> None:
 
     with pytest.raises(TransferError, match="task=classification and task=ordinal"):
         compose_config(["task=regression", "label_smoothing=0.1"])
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "explain", "export", "serve"])
+def test_help_has_a_line_for_every_top_level_option_and_group(command: str) -> None:
+    """``--help`` (the command's ``hydra.help.template``) names each option and group with words."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from transfer.config.compose import CONFIG_MODULE
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(command, return_hydra_config=True)
+    template = cfg.hydra.help.template
+    described = {line.split()[0] for line in template.splitlines() if line.startswith("  ") and len(line.split()) > 1}
+    groups = {g.split("/")[0] for g in cfg.hydra.runtime.choices if not g.startswith("hydra")}
+    keys = {k for k in cfg if k != "hydra"}
+    assert keys | groups <= described | {"hydra"}, sorted((keys | groups) - described)

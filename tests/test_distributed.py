@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures import ROOT, make_image, write_image_folder
+from tests.fixtures import ROOT, make_image, run_folders, write_image_folder
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
@@ -49,7 +49,7 @@ def run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict, Path]:
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    (run_dir,) = (log_dir / "runs").iterdir()
+    (run_dir,) = run_folders(log_dir / "runs")
     return json.loads((run_dir / "results.json").read_text()), run_dir
 
 
@@ -300,7 +300,7 @@ def test_cross_validation_runs_its_folds_on_two_processes(tmp_path: Path) -> Non
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    (cv_dir,) = (tmp_path / "cv" / "runs").iterdir()
+    (cv_dir,) = run_folders(tmp_path / "cv" / "runs")
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     assert summary["folds"] == 2 and summary["test_images"] == 4
     for fold in range(2):
@@ -336,7 +336,7 @@ def test_tags_and_values_on_two_processes_match_one_process(task: str, column: s
             timeout=600,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-        (run_dir,) = (tmp_path / name / "runs").iterdir()
+        (run_dir,) = run_folders(tmp_path / name / "runs")
         return json.loads((run_dir / "results.json").read_text()), run_dir
 
     ddp_results, ddp_dir = launch("ddp", "trainer=ddp", "trainer.devices=2", "data.batch_size=4")

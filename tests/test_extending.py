@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.fixtures import ROOT, train_run, write_image_folder
+from tests.fixtures import ROOT, run_folders, train_run, write_image_folder
 
 USER_FILES = {
     "my_sources.py": '''
@@ -89,7 +89,7 @@ def test_a_users_backbone_dataset_and_augmentation_from_their_own_config_folder(
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    (run_dir,) = run_folders(tmp_path / "outputs" / "runs")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["backbone"] == "test_efficientnet" and results["dataset"] == "parts"
     assert results["class_names"] == ["cat", "dog"] and sum(results["split_counts"]["train"].values()) > 0
@@ -217,7 +217,7 @@ def test_a_users_task_is_one_module_and_one_config_and_its_checkpoints_load(tmp_
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    (run_dir,) = run_folders(tmp_path / "outputs" / "runs")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["task"] == "focal" and results["task_state"] == {"name": "focal", "gamma": 1.5}
     monkeypatch.syspath_prepend(str(tmp_path))

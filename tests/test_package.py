@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import FAST, ROOT, write_image_folder
+from tests.fixtures import FAST, ROOT, run_folders, write_image_folder
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: not in the developer's loop
 
@@ -82,7 +82,7 @@ def test_installed_commands_train_evaluate_and_predict_outside_the_repo(
 
     trained = run_installed(target, "train", *FAST, "data=folder", f"data.root={images}", cwd=tmp_path)
     assert trained.returncode == 0, trained.stdout + trained.stderr
-    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()  # relative to where the command ran
+    (run_dir,) = run_folders(tmp_path / "outputs" / "runs")  # relative to where the command ran
     results = json.loads((run_dir / "results.json").read_text())
     ckpt = results["best_checkpoint"]["path"]
 

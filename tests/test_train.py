@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.fixtures import FAST, ROOT, compose_config, train_config, train_run, write_image_folder
+from tests.fixtures import FAST, ROOT, compose_config, run_folders, train_config, train_run, write_image_folder
 from transfer import fine_tune
 from transfer.errors import TransferError
 from transfer.training.plan import load_plan
@@ -99,7 +99,7 @@ def test_cli_runs_and_each_run_gets_its_own_directory(image_folder: Path, tmp_pa
     second = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
-    results = sorted((tmp_path / "runs").glob("*/results.json"))
+    results = [run / "results.json" for run in run_folders(tmp_path / "runs")]
     assert len(results) == 2
     assert "Test:" in (results[0].parent / "train.log").read_text()
 
@@ -281,8 +281,8 @@ def test_fine_tune_returns_the_run_folder_best_checkpoint_test_metrics_and_plan(
     result = fine_tune([*HEAD_ONLY, "data=folder", f"data.root={image_folder}"], run_dir=tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result.run_dir == tmp_path / "run" and result.test == saved["test"] and result.test["acc"] >= 0.5
-    assert result.checkpoint == Path(saved["best_checkpoint"]["path"]) and result.checkpoint.is_file()
-    assert result.checkpoint.parent == tmp_path / "run" / "checkpoints"
+    assert result.checkpoint == tmp_path / "run" / "checkpoints" / "best.ckpt" == Path(saved["checkpoint"])
+    assert result.checkpoint.read_bytes() == Path(saved["best_checkpoint"]["path"]).read_bytes()
     assert result.plan == load_plan(tmp_path / "run")  # plan.json reads back as the plan that ran
     assert [stage.name for stage in result.plan.stages] == ["head"] and result.plan.data.split_sizes["test"] == 6
     assert "Plan (plan.json" in (tmp_path / "run" / "train.log").read_text()  # printed at the start

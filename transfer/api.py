@@ -1,8 +1,10 @@
 """The Python API: ``fine_tune``, for notebooks and other programs.
 
-    from transfer import fine_tune
+    from transfer import fine_tune, load_model
     result = fine_tune(["data=folder", "data.root=photos", "backbone=resnet50"])
     result.checkpoint, result.test["acc"], result.run_dir, result.plan
+    model = load_model(result.run_dir)           # or a checkpoint file, or "outputs/runs/latest"
+    model.predict("photo.jpg")                   # {"label": ..., "confidence": ..., "probabilities": ...}
 
 It takes the override strings ``train.py`` takes (the same configs, the same names), runs the same
 job (``train.py`` and ``transfer-train`` are thin wrappers over `fine_tune_config`) and writes the
@@ -18,9 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, open_dict
 
 from transfer.config.compose import compose
+from transfer.config.run_folder import best_checkpoint, link_latest
+from transfer.config.user_paths import user_path
+from transfer.model.classifier import Classifier, load_classifier, pick_device
 from transfer.training.cv import cross_validate
 from transfer.training.plan import RunPlan
 from transfer.training.run import fit_and_test, plan_only
@@ -44,14 +50,36 @@ def fine_tune_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> FineTune
     """Run the job ``cfg`` (a composed ``train`` config) describes: a fine-tuning run, a
     cross-validation, or only its plan. ``overrides``: the strings it was composed with."""
     run_dir = Path(cfg.paths.output_dir)
+    if cfg.get("resume"):  # resume=outputs/runs/latest means the run latest names now, not this one
+        with open_dict(cfg):
+            cfg.resume = str(user_path(cfg.resume).resolve())
+    point_latest_at(run_dir)
     if cfg.get("plan_only"):
         return FineTuneResult(run_dir, None, {}, plan_only(cfg, overrides).plan)
     if cfg.cv.folds:
         summary = cross_validate(cfg, tuple(overrides))
         return FineTuneResult(run_dir, None, summary["test_ensemble"], None, summary)
     results, plan = fit_and_test(cfg, overrides)
-    checkpoint = results["best_checkpoint"]["path"]
+    checkpoint = results["checkpoint"]  # checkpoints/best.ckpt
     return FineTuneResult(run_dir, Path(checkpoint) if checkpoint else None, results["test"], plan, results)
+
+
+def load_model(path: str | Path, device: str = "auto") -> Classifier:
+    """The trained model of a run folder (its ``checkpoints/best.ckpt``) or of a checkpoint file, with
+    its preprocessing and class names, on ``device`` (``auto``: CUDA, then Apple's MPS, then the CPU).
+    ``load_model(path).predict(["a.jpg", pil_image])`` answers as the server does."""
+    where = user_path(path)
+    checkpoint = best_checkpoint(where) if where.is_dir() else where
+    return load_classifier(checkpoint, pick_device(device))
+
+
+@rank_zero_only
+def point_latest_at(run_dir: Path) -> None:
+    """``outputs/runs/latest`` -> this run, as it starts (a run in a folder of the user's choosing,
+    or one trial of a sweep, leaves the link alone)."""
+    if run_dir.parent.name == "runs":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        link_latest(run_dir)
 
 
 def fine_tune(

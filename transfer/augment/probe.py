@@ -113,12 +113,17 @@ class ProbeData:
 
 
 def features_of(
-    model: nn.Module, data: ProbeData, rows: np.ndarray, transform: Callable[..., Any], channels_last: bool
+    model: nn.Module,
+    data: ProbeData,
+    rows: np.ndarray,
+    transform: Callable[..., Any],
+    channels_last: bool,
+    view: str = "originals",
 ) -> np.ndarray:
     table = data.table
     dataset = ImageDataset([table.paths[i] for i in rows], table.labels[rows], transform)
     loader = DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers)
-    features, _ = extract_features(model, loader, torch.device("cpu"), channels_last)
+    features, _ = extract_features(model, loader, torch.device("cpu"), channels_last, f"augment=auto probe: {view}")
     return np.asarray(features.numpy(), dtype=np.float64)
 
 
@@ -307,10 +312,16 @@ def choose_augmentation(
             "folds": 0,
             "reason": "too few images per class to probe",
         }
+    pipelines = view_pipelines(input_config, settings, seed)
+    log.info(
+        "augment=auto: probing %d training/validation images, originals and %d views (%s), one backbone pass each",
+        len(rows),
+        len(pipelines),
+        ", ".join(pipelines),
+    )
     original = features_of(model, data, rows, eval_transform(input_config), channels_last)
     views = {
-        name: features_of(model, data, rows, pipeline, channels_last)
-        for name, pipeline in view_pipelines(input_config, settings, seed).items()
+        name: features_of(model, data, rows, pipeline, channels_last, name) for name, pipeline in pipelines.items()
     }
     extracted = time.perf_counter()
     scores = cross_validated_accuracy(original, labels, views, folds, seed)

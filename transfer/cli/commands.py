@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from transfer.cli.extras import importable, install_hint, missing_extras
 from transfer.config.compose import CONFIG_MODULE
 from transfer.config.names import accept_old_overrides, upgrade
+from transfer.config.user_paths import expand_home
 from transfer.errors import user_error_in
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -62,7 +63,8 @@ def command(
             missing.append(needs[1])
         if missing:
             sys.exit(install_hint(missing))  # before Hydra, whose own message leaves the fix unsaid
-        sys.argv[1:] = accept_old_overrides(sys.argv[1:])  # old names: moved by the job's `upgrade`
+        # data.root=~/photos as a shell reads ~/photos; old names: moved by the job's `upgrade`
+        sys.argv[1:] = accept_old_overrides(expand_home(sys.argv[1:]))
         return main()
 
     run.__doc__ = f"Compose conf/{config_name}.yaml with the command line's overrides, run {job_path}."

@@ -16,6 +16,7 @@ from hydra import initialize_config_module
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer.config.names import accept_old_overrides, upgrade
+from transfer.config.user_paths import expand_home
 
 CONFIG_MODULE = "transfer.conf"
 
@@ -40,7 +41,7 @@ def compose(
     search = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(
-            config_name, overrides=[*accept_old_overrides(overrides), *search], return_hydra_config=True
+            config_name, overrides=[*accept_old_overrides(expand_home(overrides)), *search], return_hydra_config=True
         )
     with open_dict(cfg):
         if output_dir is not None:

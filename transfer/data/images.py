@@ -43,6 +43,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return _decode(path, str(path))
 
 
+def rgb_of(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """An image given as a file path, a PIL image or an array (HxW or HxWx3 uint8) as HxWx3 uint8,
+    decoded as `load_rgb` decodes files (EXIF orientation, grayscale, palette and alpha handled)."""
+    if isinstance(image, (str, Path)):
+        return load_rgb(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3)):
+        raise ImageReadError(
+            f"An array image must be HxW or HxWx3 uint8 (RGB), not {array.dtype} of shape {array.shape}."
+        )
+    return np.ascontiguousarray(np.broadcast_to(array.reshape(*array.shape[:2], -1), (*array.shape[:2], 3)))
+
+
 def rgb_from_bytes(data: bytes, name: str = "upload") -> np.ndarray:
     """`load_rgb` for an image held in memory (an upload), ``name`` naming it in errors."""
     return _decode(io.BytesIO(data), name)

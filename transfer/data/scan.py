@@ -16,6 +16,7 @@ from transfer.data.csv_files import write_csv
 from transfer.data.images import load_rgb
 from transfer.data.table import ImageTable
 from transfer.errors import DataError, ImageReadError
+from transfer.progress import track
 
 log = logging.getLogger("transfer")
 ACTIONS = ("error", "skip")
@@ -32,7 +33,7 @@ def _problem(path: str) -> str | None:
 
 def find_bad_images(paths: list[str]) -> list[tuple[str, str]]:
     """[(path, reason)] for every file that cannot be decoded, in table order."""
-    return [(path, reason) for path in paths if (reason := _problem(path)) is not None]
+    return [(path, reason) for path in track(paths, "Checking images") if (reason := _problem(path)) is not None]
 
 
 def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTable, list[tuple[str, str]]]:
@@ -42,6 +43,11 @@ def check_images(table: ImageTable, action: str, report: Path) -> tuple[ImageTab
     """
     if action not in ACTIONS:
         raise DataError(f"runtime.bad_images={action} is not one of {list(ACTIONS)}.")
+    log.info(
+        "Checking that all %d images of '%s' decode (runtime.image_check=false skips this)",
+        len(table.paths),
+        table.name,
+    )
     bad = find_bad_images(table.paths)
     if not bad:
         return table, bad

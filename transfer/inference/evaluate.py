@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from transfer.config.names import training_config
+from transfer.config.run_folder import resolve_checkpoint
 from transfer.data.datamodule import ImageDataset
 from transfer.data.manifest import MANIFEST, load_manifest, manifest_next_to
 from transfer.data.splits import split_indices
@@ -100,6 +101,7 @@ def evaluation_images(cfg: DictConfig, split: str, task: Task) -> tuple[ImageTab
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    resolve_checkpoint(cfg)  # ckpt= or run=
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(cfg.ckpt)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from transfer.config.run_folder import resolve_checkpoint
 from transfer.data.csv_files import write_csv
 from transfer.data.files import find_images
 from transfer.data.images import load_rgb
@@ -67,6 +68,7 @@ def images_to_explain(cfg: DictConfig) -> list[Path]:
 
 
 def explain_files(cfg: DictConfig) -> dict[str, Any]:
+    resolve_checkpoint(cfg)  # ckpt= or run=
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(cfg.ckpt, pick_device(cfg.device))

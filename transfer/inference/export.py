@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from transfer.config.run_folder import resolve_checkpoint
 from transfer.data.files import find_images
 from transfer.data.images import load_rgb
 from transfer.data.transforms import resize_target
@@ -207,6 +208,7 @@ def quantize_export(cfg: DictConfig, classifier: Classifier, out_dir: Path) -> d
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
+    resolve_checkpoint(cfg)  # ckpt= or run=
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(cfg.formats) - set(FORMATS))

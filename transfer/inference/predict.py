@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from transfer.config.run_folder import resolve_checkpoint
 from transfer.data.csv_files import write_csv
 from transfer.data.files import FileDataset, find_images
 from transfer.inference.predictor import Predictor, inference_trainer
@@ -87,6 +88,7 @@ def predict_files(
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
+    resolve_checkpoint(cfg)  # ckpt= or run=
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier(cfg.ckpt)

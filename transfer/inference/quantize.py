@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from transfer.errors import TransferError
+from transfer.progress import track
 
 log = logging.getLogger("transfer")
 MODES = ("int8", "int8-dynamic")
@@ -32,7 +33,8 @@ class CalibrationBatches:
     """ONNX Runtime's ``CalibrationDataReader`` protocol over preprocessed images, a batch at a time."""
 
     def __init__(self, images: np.ndarray, input_name: str, batch_size: int = 8) -> None:
-        self.batches: Iterator[np.ndarray] = iter(np.array_split(images, max(1, -(-len(images) // batch_size))))
+        batches = np.array_split(images, max(1, -(-len(images) // batch_size)))
+        self.batches: Iterator[np.ndarray] = iter(track(batches, "INT8 calibration"))
         self.input_name = input_name
 
     def get_next(self) -> dict[str, np.ndarray] | None:

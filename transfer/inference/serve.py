@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from transfer.config.run_folder import resolve_checkpoint
 from transfer.data.images import rgb_from_bytes
 from transfer.data.transforms import finishing, geometry
 from transfer.errors import ImageReadError, TransferError
@@ -314,8 +315,8 @@ def build_server(cfg: DictConfig) -> Any:
 
 
 def serve(cfg: DictConfig) -> None:
-    if not Path(cfg.ckpt).expanduser().is_file():
-        raise TransferError(f"Checkpoint '{cfg.ckpt}' does not exist; pass ckpt=PATH to a .ckpt file.")
+    resolve_checkpoint(cfg)  # ckpt= or run=
+    read_checkpoint(cfg.ckpt)  # a missing or foreign file fails here, not in a worker process
     server = build_server(cfg)
     log.info(
         "Serving %s on http://%s:%d/ (API: POST /predict, POST /explain; GET /info, /health)",

@@ -8,7 +8,8 @@ nothing else: no training config, no dataset, no network.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,12 +19,16 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from PIL import Image
 
+from transfer.data.images import rgb_of
 from transfer.data.transforms import eval_transform
 from transfer.errors import TransferError
 from transfer.model.backbone import check_model_name
 from transfer.model.tta import average_views, tta_symmetries
 from transfer.tasks import Classification, Task, task_from_state
+
+ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray  # a file, a PIL image, HxWx3 uint8 RGB
 
 
 @dataclass
@@ -55,6 +60,25 @@ class Classifier:
             tta_symmetries(tta, self.symmetries),
         )
 
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], tta: str = "none", batch_size: int = 32
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """The task's answer for one image or a list of them (file paths, PIL images, RGB arrays),
+        preprocessed as in training: ``{"label", "confidence", "probabilities"}`` for classes (tags
+        and their thresholds, or values in the data's units, for the other tasks), as the server
+        answers. A list gives a list, in order; files are decoded as the data loader decodes them."""
+        single = not isinstance(images, (list, tuple))
+        items: list[ImageLike] = list(images) if isinstance(images, (list, tuple)) else [images]  # type: ignore[list-item]
+        answers = []
+        for start in range(0, len(items), batch_size):
+            batch = [
+                self.preprocess(rgb_of(os.fspath(i) if isinstance(i, os.PathLike) else i))
+                for i in items[start : start + batch_size]
+            ]
+            probabilities = self.probabilities(torch.stack(batch), tta)
+            answers += [self.task.describe(row, self.class_names) for row in probabilities]
+        return answers[0] if single else answers
+
     def predicted(self, probabilities: torch.Tensor) -> torch.Tensor:
         """One class index per image (argmax; the median grade for task=ordinal)."""
         return self.task.predicted(probabilities)
@@ -68,8 +92,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise TransferError(
-            f"Checkpoint '{path}' does not exist; pass ckpt=PATH to a .ckpt file from a "
-            "run's checkpoints/ folder (results.json names the best one)."
+            f"Checkpoint '{path}' does not exist; pass run=<run folder> (its checkpoints/best.ckpt) "
+            "or ckpt=PATH to a .ckpt file."
         )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "transfer" not in checkpoint or "state_dict" not in checkpoint:
@@ -111,7 +135,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: the first GPU if there is one, else the CPU."""
+    """``auto``: the first CUDA GPU if there is one, else Apple's GPU (MPS) if there is one, else the
+    CPU; any other name as torch reads it (``cpu``, ``cuda:1``, ``mps``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
     return torch.device(name)

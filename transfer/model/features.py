@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from transfer.errors import TransferError
+from transfer.progress import track
 
 
 @runtime_checkable
@@ -69,15 +70,20 @@ def check_split_matches(model: nn.Module, images: torch.Tensor, atol: float = 1e
 
 @torch.inference_mode()
 def extract_features(
-    model: nn.Module, loader: DataLoader[Any], device: torch.device, channels_last: bool = False
+    model: nn.Module,
+    loader: DataLoader[Any],
+    device: torch.device,
+    channels_last: bool = False,
+    description: str = "Backbone features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features and labels of every image the loader yields, in order, on the CPU."""
+    """Pooled features and labels of every image the loader yields, in order, on the CPU (a progress
+    bar of ``description`` on a terminal)."""
     was_training = model.training
     model.eval()
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     try:
-        for index, (images, targets) in enumerate(loader):
+        for index, (images, targets) in enumerate(track(loader, description)):
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -54,7 +54,9 @@ class FeatureDataModule(L.LightningDataModule):
                 num_workers=self.images.num_workers,
                 pin_memory=self.images.pin_memory,
             )
-            features, labels = extract_features(self.model, loader, device, self.channels_last)
+            features, labels = extract_features(
+                self.model, loader, device, self.channels_last, f"Feature cache: {split} split"
+            )
             self.cached[split] = TensorDataset(features, labels)
             log.info(
                 "Feature cache: %s split, %d images -> %s features in %.1fs",

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig
 
 from transfer.compat import logged_step
+from transfer.config.run_folder import CHECKPOINT_DIR, LAST
 from transfer.data.datamodule import ImageDataModule
 from transfer.model.module import ClassifierModule
 from transfer.training.budget import seconds_until
@@ -25,7 +26,6 @@ from transfer.training.stage_bests import LatestBestCheckpoint, StageBests
 from transfer.training.sync_batchnorm import TimmSyncBatchNorm
 
 log = logging.getLogger("transfer")
-CHECKPOINT_DIR = "checkpoints"
 
 
 def instantiate_named(cfg: DictConfig, key: str) -> list[Any]:
@@ -119,7 +119,11 @@ def fit_stage(
     # A separate unmonitored callback writes last.ckpt every epoch: Lightning 2.6's save_last only
     # saves when the monitored metric improved, which would leave a stale resume point.
     latest = ModelCheckpoint(
-        dirpath=run_dir / CHECKPOINT_DIR, filename="last", save_top_k=1, monitor=None, enable_version_counter=False
+        dirpath=run_dir / CHECKPOINT_DIR,
+        filename=Path(LAST).stem,
+        save_top_k=1,
+        monitor=None,
+        enable_version_counter=False,
     )
     # The stage ends on a plateau of the monitored metric (Lightning's EarlyStopping, its state is
     # checkpointed with the rest) within its epochs; under a budget also at its deadline.
@@ -153,11 +157,11 @@ def fit_stage(
     except (SystemExit, KeyboardInterrupt):  # Lightning turns Ctrl-C into SystemExit(1)
         log.error(
             "Interrupted in stage %d '%s'. The last finished epoch is in %s; resume with "
-            "python train.py resume=%s (and this run's other overrides).",
+            "python train.py resume=%s (the run folder: its last.ckpt; and this run's other overrides).",
             index,
             stage.name,
             run_dir / CHECKPOINT_DIR,
-            run_dir / CHECKPOINT_DIR / "last.ckpt",
+            run_dir,
         )
         raise
     kept = bests.finish_stage()

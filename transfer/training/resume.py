@@ -11,7 +11,6 @@ resumed run compares shapes and refuses, showing each difference, unless
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer.config.compose import as_dict
 from transfer.config.names import numbers_equal, upgrade
+from transfer.config.run_folder import CHECKPOINT_DIR, LAST
+from transfer.config.user_paths import user_path
 from transfer.errors import TransferError
 
 # Data keys that only change how fast images arrive, not which ones or what they look like.
@@ -80,11 +81,13 @@ def read_resume(resume: str | None) -> dict[str, Any]:
     path; {} without one."""
     if not resume:
         return {}
-    path = Path(resume).expanduser()
+    path = user_path(resume)
+    if path.is_dir():  # a run folder: where it stopped
+        path = path / CHECKPOINT_DIR / LAST
     if not path.is_file():
         raise TransferError(
-            f"Checkpoint '{path}' does not exist; pass resume=PATH to a .ckpt file from a run's "
-            "checkpoints/ folder (last.ckpt resumes where it stopped)."
+            f"Checkpoint '{path}' does not exist; pass resume=<run folder> (its checkpoints/last.ckpt, "
+            "where it stopped) or resume=PATH to a .ckpt file from a run's checkpoints/ folder."
         )
     state = torch.load(path, map_location="cpu", weights_only=True).get("transfer")
     if state is None:

@@ -18,10 +18,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transfer import progress
+from transfer.config.run_folder import CHECKPOINT_DIR, RESULTS, keep_best
 from transfer.data.manifest import MANIFEST
 from transfer.errors import TransferError
 from transfer.training.callbacks import RunRecord
-from transfer.training.fit import CHECKPOINT_DIR, fit_plan, instantiate_named, test_best
+from transfer.training.fit import fit_plan, instantiate_named, test_best
 from transfer.training.plan import RunPlan
 from transfer.training.planner import Planned, plan_run, resolved_with_input
 from transfer.training.runtime import configure_process
@@ -33,7 +35,7 @@ PLAN = "plan.json"
 
 def check_fresh_run_dir(run_dir: Path) -> None:
     """Never write a run into a directory that already holds one."""
-    used = [p for p in (run_dir / CHECKPOINT_DIR, run_dir / "results.json") if p.exists()]
+    used = [p for p in (run_dir / CHECKPOINT_DIR, run_dir / RESULTS) if p.exists()]
     if used and getattr(rank_zero_only, "rank", 0) == 0:
         raise TransferError(
             f"'{run_dir}' already holds a run ({used[0].name} exists); a new run "
@@ -47,6 +49,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 @rank_zero_only
+def keep_best_checkpoint(path: str | None, run_dir: Path) -> str | None:
+    """``checkpoints/best.ckpt`` beside the stage files: the name users reach for after a run."""
+    return str(keep_best(path, run_dir)) if path else None
+
+
+@rank_zero_only
 def write_config(path: Path, cfg: DictConfig) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
@@ -55,6 +63,7 @@ def start(cfg: DictConfig) -> tuple[Path, float]:
     """The process set up for a run in a fresh directory: settings, seed, precision."""
     began = time.perf_counter()
     configure_process(cfg.runtime.malloc_tuning)
+    progress.configure(cfg.runtime.get("progress", "auto"))
     run_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +110,7 @@ def fit_and_test(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[dict[s
     record = RunRecord(plan.to_dict(), planned.run_shape)
     stage_reports, bests = fit_plan(cfg, plan, module, datamodule, record, logger, began, planned.features)
     best, test_metrics, confusion, world_size = test_best(cfg, plan, module, datamodule, logger, bests)
-    results = {
+    results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "backbone": plan.model.backbone,
         "task": module.task.name,
@@ -126,14 +135,14 @@ def fit_and_test(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[dict[s
         "tta": plan.tta,
         "plan": str(run_dir / PLAN),
         "stages": stage_reports,
-        "best_checkpoint": best,
-        "checkpoint": best["path"],
+        "best_checkpoint": best,  # the stage's own file, as the stage's checkpoint callback wrote it
+        "checkpoint": keep_best_checkpoint(best["path"], run_dir) or best["path"],  # checkpoints/best.ckpt
         "test": test_metrics,
         "confusion_matrix": confusion,
         "resumed_from": plan.resume["checkpoint"] if plan.resume else None,
         "world_size": world_size,
         "seconds": round(time.perf_counter() - began, 1),
     }
-    write_json(run_dir / "results.json", results)
-    log.info("Results: %s (%.1f min)", run_dir / "results.json", results["seconds"] / 60)
+    write_json(run_dir / RESULTS, results)
+    log.info("Results: %s (%.1f min)", run_dir / RESULTS, results["seconds"] / 60)
     return results, plan
