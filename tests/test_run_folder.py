@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tests.fixtures import FAST, command_config, write_image_folder
 from transfer.api import fine_tune
 from transfer.config.run_folder import best_checkpoint, link_latest, resolve_checkpoint
-from transfer.config.user_paths import expand_home, user_path
+from transfer.config.user_paths import expand_home
 from transfer.errors import TransferError
 from transfer.inference.evaluate import evaluate
 from transfer.training.resume import read_resume
@@ -81,7 +81,7 @@ def test_ckpt_or_run_exactly_one_and_home_expanded(tmp_path: Path) -> None:
         resolve_checkpoint(OmegaConf.create({"ckpt": None, "run": None}))
     cfg = OmegaConf.create({"ckpt": "~/models/a.ckpt", "run": None})
     resolve_checkpoint(cfg)
-    assert cfg.ckpt == str(Path.home() / "models" / "a.ckpt") == str(user_path("~/models/a.ckpt"))
+    assert cfg.ckpt == str(Path.home() / "models" / "a.ckpt") == str(Path("~/models/a.ckpt").expanduser())
 
 
 def test_latest_is_replaced_not_broken_and_never_replaces_a_real_folder(tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from omegaconf import DictConfig, open_dict
 
 from transfer.config.compose import compose
 from transfer.config.run_folder import best_checkpoint, link_latest
-from transfer.config.user_paths import user_path
 from transfer.model.classifier import Classifier, load_classifier, pick_device
+from transfer.progress import configure as configure_progress
 from transfer.training.cv import cross_validate
 from transfer.training.plan import RunPlan
 from transfer.training.run import fit_and_test, plan_only
@@ -52,8 +52,9 @@ def fine_tune_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> FineTune
     run_dir = Path(cfg.paths.output_dir)
     if cfg.get("resume"):  # resume=outputs/runs/latest means the run latest names now, not this one
         with open_dict(cfg):
-            cfg.resume = str(user_path(cfg.resume).resolve())
+            cfg.resume = str(Path(cfg.resume).expanduser().resolve())
     point_latest_at(run_dir)
+    configure_progress(cfg.runtime.get("progress", "auto"))  # bars of the long steps: terminal only
     if cfg.get("plan_only"):
         return FineTuneResult(run_dir, None, {}, plan_only(cfg, overrides).plan)
     if cfg.cv.folds:
@@ -68,7 +69,7 @@ def load_model(path: str | Path, device: str = "auto") -> Classifier:
     """The trained model of a run folder (its ``checkpoints/best.ckpt``) or of a checkpoint file, with
     its preprocessing and class names, on ``device`` (``auto``: CUDA, then Apple's MPS, then the CPU).
     ``load_model(path).predict(["a.jpg", pil_image])`` answers as the server does."""
-    where = user_path(path)
+    where = Path(path).expanduser()
     checkpoint = best_checkpoint(where) if where.is_dir() else where
     return load_classifier(checkpoint, pick_device(device))
 

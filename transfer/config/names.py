@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from transfer.config.run_folder import run_folder_of
 from transfer.errors import TransferError
 
 log = logging.getLogger("transfer")
@@ -161,7 +162,7 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
 def training_config(ckpt: str | Path) -> DictConfig | None:
     """The resolved config of the run that wrote ``ckpt`` (run_dir/checkpoints/x.ckpt), in the current
     names, if the run folder has one."""
-    path = Path(ckpt).expanduser().resolve().parent.parent / "config.yaml"
+    path = run_folder_of(ckpt) / "config.yaml"
     if not path.is_file():
         return None
     cfg = OmegaConf.load(path)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from transfer.config.user_paths import user_path
 from transfer.errors import TransferError
 
 log = logging.getLogger("transfer")
@@ -33,10 +32,15 @@ LATEST = "latest"
 RESULTS = "results.json"
 
 
+def run_folder_of(checkpoint: str | os.PathLike[str]) -> Path:
+    """The run folder that wrote ``checkpoint`` (``<run>/checkpoints/<file>.ckpt``), links resolved."""
+    return Path(checkpoint).expanduser().resolve().parent.parent
+
+
 def best_checkpoint(run: str | os.PathLike[str]) -> Path:
     """The checkpoint a run folder was tested with: ``checkpoints/best.ckpt``, or for a run written
     before that name existed, the one its ``results.json`` names. A clear error otherwise."""
-    folder = user_path(run)
+    folder = Path(run).expanduser()
     if not folder.is_dir():
         raise TransferError(f"Run folder '{folder}' does not exist; pass run=<a folder under outputs/runs/>.")
     best = folder / CHECKPOINT_DIR / BEST
@@ -64,7 +68,7 @@ def resolve_checkpoint(cfg: DictConfig) -> None:
             "or ckpt=<a .ckpt file>."
         )
     with open_dict(cfg):
-        cfg.ckpt = str(best_checkpoint(run) if run is not None else user_path(ckpt))
+        cfg.ckpt = str(best_checkpoint(run) if run is not None else Path(ckpt).expanduser())
 
 
 def keep_best(checkpoint: str | os.PathLike[str], run_dir: Path) -> Path:

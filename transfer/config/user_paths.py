@@ -4,7 +4,7 @@ A shell expands ``~`` only at the start of a word or after ``=`` in a variable a
 ``data.root=~/photos`` it reaches the command unexpanded, and Hydra's override grammar rejects a
 bare ``~``. Such values are read as the shell would have read them: ``~`` (or ``~user``) at the
 start of a value is the home folder. A quoted value (``"data.root='~/photos'"``) reaches the
-config as text and is expanded where the path is used (`user_path`).
+config as text and is expanded where the path is used (``Path.expanduser``).
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 # key=~/x, key=~, key=~user/x (not Hydra's ``~key`` deletion, which starts the override itself)
 HOME_VALUE = re.compile(r"^(?P<key>[^=~][^=]*)=(?P<value>~[^/=\s]*(/.*)?)$")
-
-
-def user_path(path: str | os.PathLike[str]) -> Path:
-    """A path as the user typed it: a leading ``~`` is the home folder."""
-    return Path(os.path.expanduser(os.fspath(path)))
 
 
 def expand_home(overrides: Sequence[str]) -> list[str]:

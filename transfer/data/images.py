@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,11 @@ def load_rgb(path: str | Path) -> np.ndarray:
     return _decode(path, str(path))
 
 
-def rgb_of(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+def rgb_of(image: str | os.PathLike[str] | Image.Image | np.ndarray) -> np.ndarray:
     """An image given as a file path, a PIL image or an array (HxW or HxWx3 uint8) as HxWx3 uint8,
     decoded as `load_rgb` decodes files (EXIF orientation, grayscale, palette and alpha handled)."""
-    if isinstance(image, (str, Path)):
-        return load_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb(os.fspath(image))
     if isinstance(image, Image.Image):
         return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
     array = np.asarray(image)

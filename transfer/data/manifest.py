@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer.config.run_folder import run_folder_of
 from transfer.data.csv_files import write_csv
 from transfer.data.table import ImageTable
 from transfer.errors import DataError
@@ -42,7 +43,7 @@ def write_manifest(path: Path, table: ImageTable, splits: Mapping[str, np.ndarra
 
 def manifest_next_to(ckpt: str | os.PathLike) -> Path | None:
     """The ``split.csv`` of the run that wrote ``ckpt`` (run_dir/checkpoints/x.ckpt), if it has one."""
-    path = Path(ckpt).expanduser().resolve().parent.parent / MANIFEST
+    path = run_folder_of(ckpt) / MANIFEST
     return path if path.is_file() else None
 
 

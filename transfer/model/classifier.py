@@ -71,10 +71,7 @@ class Classifier:
         items: list[ImageLike] = list(images) if isinstance(images, (list, tuple)) else [images]  # type: ignore[list-item]
         answers = []
         for start in range(0, len(items), batch_size):
-            batch = [
-                self.preprocess(rgb_of(os.fspath(i) if isinstance(i, os.PathLike) else i))
-                for i in items[start : start + batch_size]
-            ]
+            batch = [self.preprocess(rgb_of(image)) for image in items[start : start + batch_size]]
             probabilities = self.probabilities(torch.stack(batch), tta)
             answers += [self.task.describe(row, self.class_names) for row in probabilities]
         return answers[0] if single else answers

@@ -31,7 +31,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transfer import progress
 from transfer.config.compose import as_dict
 from transfer.data.datamodule import ImageDataset
 from transfer.data.manifest import MANIFEST, write_manifest
@@ -106,7 +105,6 @@ def cross_validate(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ())
     run_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress.configure(cfg.runtime.get("progress", "auto"))
     folds = int(cfg.cv.folds)
     if folds < 2:
         raise TransferError(f"cv.folds={folds}: cross-validation needs at least 2 folds.")

@@ -91,7 +91,7 @@ def fit_stage(
 ) -> dict[str, Any]:
     """Stage ``index`` of the plan as one ``Trainer.fit`` (resumed from ``resume`` when it continues an
     interrupted run; its loggers' steps from ``log_step``; stopped after ``max_seconds``); its report.
-    A stage on cached features trains on ``features``, which are computed on its first use."""
+    A stage on cached features trains on ``features`` (made by `fit_plan`), computed on first use."""
     stage, run_dir, bests = plan.stages[index], Path(plan.run_dir), shared[0]
     assert isinstance(bests, StageBests)
     trainable = module.set_stage(stage, index, features_cached=stage.feature_cache)
@@ -104,8 +104,7 @@ def fit_stage(
         trainable.describe(),
         ", on cached backbone features" if stage.feature_cache else "",
     )
-    if stage.feature_cache and features is None:
-        features = FeatureDataModule(datamodule, module.model, module.channels_last)
+    assert features is not None or not stage.feature_cache, "fit_plan makes a stage's cached features"
     data = features if stage.feature_cache else datamodule
     monitor, mode = plan.monitor["metric"], plan.monitor["mode"]
     best = LatestBestCheckpoint(

@@ -11,6 +11,7 @@ resumed run compares shapes and refuses, showing each difference, unless
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from transfer.config.compose import as_dict
 from transfer.config.names import numbers_equal, upgrade
 from transfer.config.run_folder import CHECKPOINT_DIR, LAST
-from transfer.config.user_paths import user_path
 from transfer.errors import TransferError
 
 # Data keys that only change how fast images arrive, not which ones or what they look like.
@@ -81,7 +81,7 @@ def read_resume(resume: str | None) -> dict[str, Any]:
     path; {} without one."""
     if not resume:
         return {}
-    path = user_path(resume)
+    path = Path(resume).expanduser()
     if path.is_dir():  # a run folder: where it stopped
         path = path / CHECKPOINT_DIR / LAST
     if not path.is_file():

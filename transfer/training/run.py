@@ -18,7 +18,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transfer import progress
 from transfer.config.run_folder import CHECKPOINT_DIR, RESULTS, keep_best
 from transfer.data.manifest import MANIFEST
 from transfer.errors import TransferError
@@ -63,7 +62,6 @@ def start(cfg: DictConfig) -> tuple[Path, float]:
     """The process set up for a run in a fresh directory: settings, seed, precision."""
     began = time.perf_counter()
     configure_process(cfg.runtime.malloc_tuning)
-    progress.configure(cfg.runtime.get("progress", "auto"))
     run_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
