@@ -6,10 +6,12 @@ augment, collate in the configured DataLoader workers), threads and process sett
 Hydra. Each cell runs in its own process, so its peak memory is its own.
 
     python benchmarks/speed.py [--model tf_efficientnet_lite0] [--batch 32] [--size 224]
-                               [--unfreeze 3] [--steps 8] [--compile] [--trainer cpu|gpu]
+                               [--unfreeze 3] [--steps 8] [--compile] [--trainer cpu|gpu] [--probe-only]
 
 Rows: the data pipeline alone; head-only, partial and full fine-tuning (toolkit vs plain loop);
-a head-only stage without random augmentation, with and without the feature cache.
+a head-only stage without random augmentation, with and without the feature cache; the frozen
+forward pass on images in memory (the limit of any feature pass) and the augment=auto probe's feature
+pass (each image decoded once, seven views) in the main process and in the loader workers.
 """
 
 from __future__ import annotations
@@ -120,6 +122,49 @@ def toolkit_cell(args: argparse.Namespace, unfreeze: int | str, extra: list[str]
     return {"images_per_s": timer.batches * args.batch / (timer.finished - timer.started), **peak_memory()}
 
 
+def forward_cell(args: argparse.Namespace) -> dict[str, float]:
+    """The frozen backbone's pooled features on preprocessed images already in memory, at the
+    evaluation batch size: the limit any feature pass (the augmentation probe's) can reach."""
+    import torch
+
+    from transfer.model.features import pooled_features
+
+    cfg = compose(args, 0, ["augment=none"])
+    module, datamodule = setup(cfg)
+    model = module.model.eval()
+    batches = [images for images, _ in datamodule.loader(datamodule.dataset("train"), False, None)][
+        : args.warmup + args.steps
+    ]
+    with torch.inference_mode():
+        for images in batches[: args.warmup]:
+            pooled_features(model, images.contiguous(memory_format=torch.channels_last))
+        started = time.perf_counter()
+        for images in batches[args.warmup :]:
+            pooled_features(model, images.contiguous(memory_format=torch.channels_last))
+        seconds = time.perf_counter() - started
+    return {"images_per_s": sum(len(b) for b in batches[args.warmup :]) / seconds, **peak_memory()}
+
+
+def probe_cell(args: argparse.Namespace, workers: int) -> dict[str, float]:
+    """augment=auto's feature pass (`transfer.augment.probe_views`) over ELPV images: each decoded
+    once, the originals and the six candidate views, in the data config's loader workers."""
+    from transfer.augment.probe import ProbeSettings, view_pipelines
+    from transfer.augment.probe_views import view_features
+    from transfer.data.transforms import eval_transform
+
+    cfg = compose(args, 0, ["augment=none"])
+    module, datamodule = setup(cfg)
+    input_config = module.hparams["input_config"]
+    pipelines = {"originals": eval_transform(input_config), **view_pipelines(input_config, ProbeSettings(), 0)}
+    images = args.batch * (args.steps + args.warmup) // len(pipelines)
+    paths = [datamodule.table.paths[i] for i in datamodule.splits["train"][: images + 8]]
+    view_features(module.model, paths[-8:], pipelines, 0, args.batch, workers, True)  # warm-up
+    started = time.perf_counter()
+    view_features(module.model, paths[:images], pipelines, 0, args.batch, workers, True)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": images * len(pipelines) / seconds, **peak_memory()}
+
+
 def cached_cell(args: argparse.Namespace) -> dict[str, float]:
     """A head-only stage on cached features: the one-off extraction, then whole epochs."""
     import lightning as L
@@ -227,6 +272,10 @@ def in_child(args: argparse.Namespace) -> dict[str, float]:
         return data_cell(args, value)
     if kind == "cached":
         return cached_cell(args)
+    if kind == "forward":
+        return forward_cell(args)
+    if kind == "probe":
+        return probe_cell(args, value)
     if kind == "toolkit-noaug":
         return toolkit_cell(args, value, ["augment=none"])
     if kind == "toolkit-compiled":
@@ -264,6 +313,7 @@ def main() -> None:
     parser.add_argument("--trainer", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: the data config's)")
     parser.add_argument("--compile", action="store_true", help="add a column: the toolkit with runtime.compile=true")
+    parser.add_argument("--probe-only", action="store_true", help="only the forward limit and the probe's rows")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
@@ -282,6 +332,17 @@ def main() -> None:
         flush=True,
     )
     rows: list[tuple[str, dict, dict | None, dict | None]] = []  # name, toolkit, plain, compiled
+    forward = run_cell(args, ["forward", 0])
+    probes = {n: run_cell(args, ["probe", n]) for n in sorted({0, workers})}
+    rows.append(("frozen forward pass, images in memory (the limit)", forward, None, None))
+    for n, probe in probes.items():
+        rows.append((f"augment=auto probe, 7 views an image, {n} worker(s)", probe, None, None))
+    if args.probe_only:
+        print_table(rows, "peak_cuda_mb" if args.trainer == "gpu" else "peak_rss_mb", False)
+        print()
+        for n, probe in probes.items():
+            print(f"probe ({n} worker(s)) / forward limit: {probe['images_per_s'] / forward['images_per_s']:.2f}")
+        return
     for name, cell_workers in ((f"data pipeline, {workers} worker(s)", workers), ("data pipeline, main process", 0)):
         rows.append((name, run_cell(args, ["data", cell_workers]), None, None))
     stage_speed = {}
@@ -308,6 +369,8 @@ def main() -> None:
     print(
         f"feature cache / no cache (head only, augment=none): {cached['images_per_s'] / uncached['images_per_s']:.1f}x"
     )
+    for n, probe in probes.items():
+        print(f"probe ({n} worker(s)) / forward limit: {probe['images_per_s'] / forward['images_per_s']:.2f}")
     fastest = max(stage_speed.values())
     print(
         f"data pipeline ({workers} worker(s)) / fastest stage's consumption: "

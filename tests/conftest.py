@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own paths.cache_dir (TRANSFER_CACHE): a probe decision cached by one test must
+    not answer another's, nor the developer's own runs'."""
+    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "transfer_cache"))
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     from tests.fixtures import write_image_folder  # here, so that collecting a test imports nothing of transfer

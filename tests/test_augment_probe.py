@@ -107,11 +107,21 @@ def test_probe_rejects_mirroring_when_it_changes_the_class(tmp_path: Path) -> No
 
 
 @pytest.mark.slow  # end to end, twice over: in CI, not in the developer's loop
-def test_probe_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+def test_probe_is_deterministic_for_a_seed_and_a_rerun_reads_its_cached_decision(tmp_path: Path) -> None:
     root = write_folder(tmp_path / "arrows", arrow, ("left", "right"))
-    first = probe_run(root, tmp_path / "a")["augment"]
-    second = probe_run(root, tmp_path / "b")["augment"]
+    # the same features and decision with 0 and 2 loader workers: each view's draw is its image's
+    first = probe_run(root, tmp_path / "a", "augment.probe.cache=false")["augment"]
+    second = probe_run(root, tmp_path / "b", "augment.probe.cache=false", "data.num_workers=2")["augment"]
     assert first["evidence"] == second["evidence"] and first["train"] == second["train"]
+    assert "cached" not in first
+    # cached: a second run with the same images, model and settings skips the probe
+    probed = probe_run(root, tmp_path / "c")["augment"]
+    again = probe_run(root, tmp_path / "d")["augment"]
+    assert not probed.get("cached") and again["cached"] and again["evidence"] == probed["evidence"] == first["evidence"]
+    assert again["train"] == first["train"]
+    # a changed image is another fingerprint: probed again
+    next(iter(sorted((root / "left").iterdir()))).write_bytes((root / "right" / "000.png").read_bytes())
+    assert not probe_run(root, tmp_path / "e")["augment"].get("cached")
 
 
 def test_an_explicit_augment_wins_over_auto(tmp_path: Path) -> None:

@@ -67,16 +67,20 @@ def runs(tmp_path_factory) -> dict:
     for index in range(6):
         make_image(1, 40, rng).save(images / "dog" / f"extra_{index}.png")
     # The DDP run also trains its head stage on cached features: it must still match plain images.
+    # The fine-tuning stage may run 6 epochs and stops on a plateau (patience 1): every process
+    # must stop at the same step, the one where a single process stops.
+    stop = ["schedule.stages.1.epochs=6", "schedule.stages.1.patience=1"]
     ddp = run(
         tmp_path,
         "ddp",
+        *stop,
         f"data.root={images}",
         "trainer=ddp",
         "trainer.devices=2",
         "data.batch_size=4",
         "feature_cache=true",
     )
-    single = run(tmp_path, "single", f"data.root={images}", "data.batch_size=8")
+    single = run(tmp_path, "single", *stop, f"data.root={images}", "data.batch_size=8")
     return {"ddp": ddp, "single": single, "images": images, "tmp": tmp_path}
 
 
@@ -150,6 +154,8 @@ def test_replicas_are_bit_identical_after_every_stage(runs) -> None:
 
 def test_two_processes_match_one_process_at_the_same_global_batch(runs) -> None:
     (ddp_results, ddp_dir), (single_results, single_dir) = runs["ddp"], runs["single"]
+    finetune = [results["stages"][1] for results in (ddp_results, single_results)]
+    assert finetune[0]["stopped_early"] and finetune[0]["epochs_run"] == finetune[1]["epochs_run"] < 6, finetune
     ddp_weights, single_weights = weights(ddp_dir), weights(single_dir)
     assert ddp_weights.keys() == single_weights.keys()
     trained = [k for k in single_weights if not torch.equal(single_weights[k], weights_at_init(single_dir)[k])]

@@ -102,8 +102,12 @@ LR_RUNS = {
     "head_only": ["schedule=head_only"],
     "two_stage_layer_decay": ["schedule=two_stage", "schedule.stages.1.layer_decay=0.7"],
 }
+# The recording ran every epoch of each stage and went on from a stage's last epoch: that is
+# patience null and schedule.restore_best=false now (stop-when-done is tested in test_stopping.py).
+EVERY_EPOCH = {"two_stage": 2, "gradual": 4, "full": 1, "head_only": 1, "two_stage_layer_decay": 2}
 # The recording's settings, in the current names.
 LR_COMMON = [
+    "schedule.restore_best=false",
     "backbone=timm",
     "backbone.name=test_resnet",
     "backbone.weights=none",
@@ -126,6 +130,7 @@ def test_the_default_schedules_run_the_same_learning_rates_and_results(name: str
         [
             *LR_COMMON,
             *LR_RUNS[name],
+            *(f"schedule.stages.{index}.patience=null" for index in range(EVERY_EPOCH[name])),
             f"data.root={images}",
             "+callbacks.lrs._target_=tests.test_golden.RecordLRs",
             f"+callbacks.lrs.path={record}",

@@ -246,17 +246,39 @@ def test_small_datasets_get_enough_epochs_for_the_minimum_steps() -> None:
     from transfer.training.planner import schedule_stages
 
     cfg = compose_config(["schedule.min_steps=50"])
-    # one step per epoch (18 images, batch 32): 50 epochs each
-    stages, notes = schedule_stages(cfg, [], steps=1)
-    assert [s.epochs for s in stages] == [50, 50] and len(notes) == 2
-    # 55 steps per epoch (ELPV): nothing changes, nothing said
-    assert schedule_stages(cfg, [], steps=55) == (
-        [Stage(**{**s, "epochs": s["epochs"]}) for s in compose_config([]).schedule.stages],
-        [],
-    )
+    # one step per epoch (18 images, batch 32): at most 50 epochs each, the patience noted too
+    stages, notes = schedule_stages(cfg, [], steps=1, val_images=4)
+    assert [s.epochs for s in stages] == [50, 50] and len(notes) == 3
+    # 55 steps per epoch (ELPV, 197 validation images): the epochs as the schedule gives them,
+    # patience auto becomes 4 epochs, min_delta half a validation image
+    stages, notes = schedule_stages(cfg, [], steps=55, val_images=197)
+    assert stages == [Stage(**{**s, "patience": 4, "min_delta": 0.5 / 197}) for s in compose_config([]).schedule.stages]
+    assert len(notes) == 1 and "patience auto: 4 epoch(s) for 197 validation image(s)" in notes[0]
     # an epochs given in the overrides is kept as written
-    stages, notes = schedule_stages(compose_config(["schedule.stages.1.epochs=2"]), ["schedule.stages.1.epochs=2"], 1)
-    assert [s.epochs for s in stages] == [50, 2] and len(notes) == 1
+    stages, notes = schedule_stages(
+        compose_config(["schedule.stages.1.epochs=2"]), ["schedule.stages.1.epochs=2"], 1, 4
+    )
+    assert [s.epochs for s in stages] == [50, 2] and len(notes) == 2
+
+
+def test_patience_and_min_delta_follow_the_validation_set_size() -> None:
+    from tests.fixtures import compose_config
+    from transfer.training.planner import schedule_stages
+    from transfer.training.stopping import auto_min_delta, auto_patience, plateau_rule
+
+    # 30 validation images: accuracy moves in steps of 3.3 points; 2,000: in steps of 0.05
+    assert auto_patience(30, steps_per_epoch=20) == 5 and auto_min_delta(30, "max") == pytest.approx(1 / 60)
+    assert auto_patience(2000, steps_per_epoch=20) == 3 and auto_min_delta(2000, "max") == pytest.approx(1 / 4000)
+    assert [auto_patience(n, 100) for n in (1, 9, 10, 99, 100, 999, 1000, 10**6)] == [6, 6, 5, 5, 4, 4, 3, 3]
+    # never fewer epochs than 10 optimizer steps; a metric to minimise counts any decrease
+    assert auto_patience(2000, steps_per_epoch=1) == 10 and auto_min_delta(30, "min") == 0.0
+    assert plateau_rule(30, 20, "max", 0.02).min_delta == 0.02  # schedule.min_delta given
+    # the plan: auto resolved, a given patience kept, null never stops, no validation split no patience
+    cfg = compose_config(["schedule.stages.1.patience=7", "schedule.stages.0.patience=null"])
+    stages, _ = schedule_stages(cfg, [], steps=55, val_images=30)
+    assert [(s.patience, s.min_delta) for s in stages] == [(None, 0.0), (7, pytest.approx(1 / 60))]
+    stages, _ = schedule_stages(compose_config([]), [], steps=55, val_images=0)
+    assert [s.patience for s in stages] == [None, None]
 
 
 def test_steps_per_epoch_follow_the_loaders_batching(image_folder) -> None:

@@ -316,6 +316,7 @@ def test_epochs_set_by_the_user_run_as_written_and_schedule_defaults_reach_min_s
     # the schedule's 2 head epochs are raised to 5 one-step epochs; the finetune epochs set here are not
     assert [s.epochs for s in defaults.plan.stages] == [5, 2]
     assert [s["epochs_run"] for s in defaults.results["stages"]] == [5, 2]
-    (note,) = defaults.plan.notes
+    note, patience = defaults.plan.notes
+    assert patience.startswith("patience auto: 10 epoch(s) for 2 validation image(s)")  # 10 one-step epochs
     assert note.startswith("stage 0 'head': 2 epoch(s) of 1 step(s) are fewer than schedule.min_steps=5")
     assert "fewer than schedule.min_steps=5" in (tmp_path / "defaults" / "train.log").read_text()

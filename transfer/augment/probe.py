@@ -19,8 +19,13 @@ on the data before training, with the frozen pretrained backbone:
    albumentations pipeline, the plan's augmentation (in ``plan.json``, ``config.yaml``'s
    ``augment.train``, ``augment/chosen.yaml`` and, with the evidence, ``results.json``).
 
-The probe costs one pass of the frozen backbone per view over at most ``max_images`` images, and
-seconds of closed-form fits; everything is seeded, so a seed gives one decision.
+Its cost is one pass of the frozen backbone per view over the probed images (each decoded once,
+`transfer.augment.probe_views`) and seconds of closed-form fits. The images probed are as many as
+fit in ``run_share`` (10%) of the planned run's backbone passes, at least ``min_images_probed``
+(200) and at most ``max_images``; where even those do not fit, the optional candidates go first
+(colour, then the strongest crops). Everything is seeded, so a seed gives one decision, and the
+decision is cached by a fingerprint of the images, the model and the settings
+(`transfer.augment.probe_cache`): a second run on the same data skips the probe.
 """
 
 from __future__ import annotations
@@ -28,20 +33,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import albumentations as A
 import numpy as np
-import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
-from transfer.data.datamodule import ImageDataset
+from transfer.augment import probe_cache
+from transfer.augment.probe_views import view_features
 from transfer.data.table import ImageTable, stratified_subset
 from transfer.data.transforms import INTERPOLATION, eval_transform, finishing, geometry, resize_target
-from transfer.model.features import extract_features
 
 log = logging.getLogger("transfer")
 
@@ -58,6 +61,9 @@ class ProbeSettings:
     recognition_tolerance: float = 0.02  # how much worse transformed images may be recognised
     crop_scales: tuple[float, ...] = (0.7, 0.35)  # RandomResizedCrop lower scales, mildest first
     colour: bool = True  # also probe brightness/contrast/saturation/hue changes
+    run_share: float = 0.1  # the probe's backbone passes: at most this share of the planned run's
+    min_images_probed: int = 200  # ... but never fewer images than this (or all there are)
+    cache: bool = True  # reuse the decision of an identical probe (paths.cache_dir/augment_probe)
 
     @property
     def min_images(self) -> int:
@@ -104,27 +110,43 @@ def probe_rows(table: ImageTable, splits: Mapping[str, np.ndarray], max_images: 
 
 @dataclass(frozen=True)
 class ProbeData:
-    """The images the probe looks at and how it loads them."""
+    """The images the probe looks at, how it loads them, and what it may cost."""
 
     table: ImageTable
     splits: Mapping[str, np.ndarray]
     batch_size: int
     num_workers: int
+    # The planned run's cost in backbone passes of one image (`planned_image_passes`); None: no cap.
+    run_image_passes: float | None = None
+    cache_dir: str | None = None  # where decisions are cached (None: not cached)
+    model_identity: Mapping[str, Any] = field(default_factory=dict)  # what the fingerprint names the model by
 
 
-def features_of(
-    model: nn.Module,
-    data: ProbeData,
-    rows: np.ndarray,
-    transform: Callable[..., Any],
-    channels_last: bool,
-    view: str = "originals",
-) -> np.ndarray:
-    table = data.table
-    dataset = ImageDataset([table.paths[i] for i in rows], table.labels[rows], transform)
-    loader = DataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers)
-    features, _ = extract_features(model, loader, torch.device("cpu"), channels_last, f"augment=auto probe: {view}")
-    return np.asarray(features.numpy(), dtype=np.float64)
+# Dropped first when the probe does not fit its share of the run: they refine the choice, the
+# flips and turns decide what breaks a label.
+OPTIONAL_FIRST = ("colour",)
+
+
+def affordable_views(names: list[str], images: int, run_passes: float | None, settings: ProbeSettings) -> list[str]:
+    """The candidate views to probe: all of them, unless fewer than ``min(images,
+    min_images_probed)`` images would fit the run share; then colour, then the strongest crops
+    are left out, one at a time, until they fit (the flips and the turn always stay)."""
+    if run_passes is None:
+        return names
+    target = min(images, settings.max_images, settings.min_images_probed)
+    crops = sorted((n for n in names if n.startswith("crop")), key=lambda n: float(n[4:]))  # strongest first
+    droppable = [n for n in (*OPTIONAL_FIRST, *crops) if n in names]
+    kept = list(names)
+    while droppable and settings.run_share * run_passes / (len(kept) + 1) < target:
+        kept.remove(droppable.pop(0))
+    return kept
+
+
+def probe_size(images: int, views: int, run_passes: float | None, settings: ProbeSettings) -> int:
+    """Images to probe: what fits ``run_share`` of the run's passes with ``views`` views and the
+    originals, within [``min_images_probed``, ``max_images``] and at most ``images``."""
+    fit = settings.max_images if run_passes is None else int(settings.run_share * run_passes / (views + 1))
+    return min(images, settings.max_images, max(settings.min_images_probed, fit))
 
 
 def cross_validated_accuracy(
@@ -233,7 +255,8 @@ def pipeline_nodes(
     if not any(e["keep"] for e in evidence.values()):
         return None
     height, width = input_config["size"]
-    crops = [scale for scale in settings.crop_scales if evidence[f"crop{scale:g}"]["keep"]]
+    # a candidate left out of the probe (to fit its share of the run) is not applied
+    crops = [scale for scale in settings.crop_scales if evidence.get(f"crop{scale:g}", {}).get("keep")]
     nodes: list[dict[str, Any]]
     if crops:
         nodes = [{"_target_": "albumentations.RandomResizedCrop", "size": [height, width], "scale": [min(crops), 1.0]}]
@@ -256,7 +279,7 @@ def pipeline_nodes(
             nodes.append({"_target_": "albumentations.VerticalFlip", "p": 0.5})
         if "rot90" in geometry:
             nodes.append({"_target_": "albumentations.RandomRotate90", "p": 1.0})
-    if settings.colour and evidence["colour"]["keep"]:
+    if settings.colour and evidence.get("colour", {}).get("keep"):
         nodes.append(
             {
                 "_target_": "albumentations.ColorJitter",
@@ -278,9 +301,15 @@ def choose_augmentation(
     seed: int,
     channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Run the probe; returns ``{"train": nodes, "evidence": ..., ...}`` for the plan and results."""
+    """Run the probe (or read its cached decision); returns ``{"train": nodes, "evidence": ...,
+    ...}`` for the plan and results."""
     started = time.perf_counter()
-    rows = probe_rows(data.table, data.splits, settings.max_images, seed)
+    available = len(data.splits["train"]) + len(data.splits["val"])
+    names = affordable_views(
+        list(view_pipelines(input_config, settings, seed)), available, data.run_image_passes, settings
+    )
+    size = probe_size(available, len(names), data.run_image_passes, settings)
+    rows = probe_rows(data.table, data.splits, size, seed)
     labels = data.table.labels[rows]
     folds = min(settings.folds, int(np.bincount(labels).min()))
     if len(rows) < settings.min_images:
@@ -312,17 +341,32 @@ def choose_augmentation(
             "folds": 0,
             "reason": "too few images per class to probe",
         }
-    pipelines = view_pipelines(input_config, settings, seed)
-    log.info(
-        "augment=auto: probing %d training/validation images, originals and %d views (%s), one backbone pass each",
-        len(rows),
-        len(pipelines),
-        ", ".join(pipelines),
+    paths = [data.table.paths[i] for i in rows]
+    key = probe_cache.fingerprint(
+        paths, labels, {**data.model_identity, "input": dict(input_config)}, {**vars(settings), "views": names}, seed
     )
-    original = features_of(model, data, rows, eval_transform(input_config), channels_last)
-    views = {
-        name: features_of(model, data, rows, pipeline, channels_last, name) for name, pipeline in pipelines.items()
-    }
+    cached = probe_cache.load(probe_cache.cache_file(data.cache_dir, key)) if settings.cache else None
+    if cached is not None:
+        log.info("augment=auto: the same probe ran before (images, model, settings): its decision is reused")
+        report = {**cached, "cached": True, "seconds": round(time.perf_counter() - started, 1)}
+        log_decision(report)
+        return report
+    pipelines = {"originals": eval_transform(input_config), **view_pipelines(input_config, settings, seed)}
+    pipelines = {name: pipelines[name] for name in ("originals", *names)}
+    log.info(
+        "augment=auto: probing %d of %d training/validation images, originals and %d views (%s), "
+        "each image decoded once%s",
+        len(rows),
+        available,
+        len(names),
+        ", ".join(names),
+        ""
+        if data.run_image_passes is None
+        else f"; {len(rows) * len(pipelines) / data.run_image_passes:.0%} of the planned run's backbone passes",
+    )
+    features = view_features(model, paths, pipelines, seed, data.batch_size, data.num_workers, channels_last)
+    original = features.pop("originals")
+    views = features
     extracted = time.perf_counter()
     scores = cross_validated_accuracy(original, labels, views, folds, seed)
     evidence = judge(scores["correct"], scores["recognised"], settings.tolerance, settings.recognition_tolerance)
@@ -334,9 +378,16 @@ def choose_augmentation(
         "folds": folds,
         "baseline_accuracy": round(float(scores["correct"]["none"].mean()), 4),
         "ridge_alpha": scores["alpha"],
+        "images_available": available,
+        "views": names,
         "seconds": round(time.perf_counter() - started, 1),
         "feature_seconds": round(extracted - started, 1),
+        "images_per_second": round(len(rows) * (len(names) + 1) / max(extracted - started, 1e-9), 1),
     }
+    if data.run_image_passes is not None:
+        report["share_of_run"] = round(len(rows) * (len(names) + 1) / data.run_image_passes, 4)
+    if settings.cache:
+        probe_cache.save(probe_cache.cache_file(data.cache_dir, key), report)
     log_decision(report)
     return report
 

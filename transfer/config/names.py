@@ -146,7 +146,7 @@ def upgrade(cfg: DictConfig, announce: bool = True) -> list[str]:
                     patience = int(node.get("patience", 3))
                     del callbacks[name]
                     for stage in stages or []:
-                        if stage.get("patience") is None:
+                        if stage.get("patience") in (None, "auto"):
                             stage.patience = patience
                     messages.append(
                         f"callbacks={name} is now each stage's patience (schedule.stages.N.patience="

@@ -30,14 +30,17 @@ class Stage:
     min_lr_ratio: float = 0.01  # cosine decay down to lr * min_lr_ratio
     layer_decay: float | None = None  # timm layer-wise LR decay inside the stage (e.g. 0.7)
     freeze_bn: bool = False  # keep BatchNorm statistics frozen in unfrozen blocks too
-    patience: int | None = None  # stop after this many epochs without a better monitored metric
+    # Stop after this many epochs without a better monitored metric; "auto": chosen from the
+    # validation set's size (`transfer.training.stopping`, the plan holds the number); null: never.
+    patience: int | str | None = None
     # Set by the plan, not in schedule configs:
+    min_delta: float = 0.0  # the smallest change of the monitored metric that counts (schedule.min_delta)
     feature_cache: bool = False  # a head-only stage that trains on cached backbone features
     ends_by: float | None = None  # seconds after the run's start by which the stage stops (budget)
 
 
 # What a schedule config may set per stage; every packaged schedule sets each of them.
-STAGE_KEYS = tuple(f.name for f in fields(Stage) if f.name not in ("feature_cache", "ends_by"))
+STAGE_KEYS = tuple(f.name for f in fields(Stage) if f.name not in ("min_delta", "feature_cache", "ends_by"))
 
 
 def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
@@ -51,8 +54,15 @@ def parse_stages(stages: Iterable[Mapping[str, Any]]) -> list[Stage]:
         stage = Stage(**raw)
         if stage.epochs < 1 or stage.lr <= 0:
             raise ScheduleError(f"Stage {index} '{stage.name}' needs epochs >= 1 and lr > 0.")
-        if stage.patience is not None and stage.patience < 1:
-            raise ScheduleError(f"Stage {index} '{stage.name}': patience must be >= 1 epoch, or null (no early stop).")
+        if (
+            stage.patience is not None
+            and stage.patience != "auto"
+            and (not isinstance(stage.patience, int) or stage.patience < 1)
+        ):
+            raise ScheduleError(
+                f"Stage {index} '{stage.name}': patience must be >= 1 epoch, auto (from the validation set's "
+                "size), or null (every epoch runs)."
+            )
         parsed.append(stage)
     if not parsed:
         raise ScheduleError("The schedule has no stages.")

@@ -138,4 +138,10 @@ class RunRecord(L.Callback):
         self.plan, self.run_shape = plan, run_shape
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault("transfer", {}).update({"plan": self.plan, "run_shape": self.run_shape})
+        # Lightning does not checkpoint a stop decision: a stage that its patience or deadline ended
+        # is recorded as ended (at its epoch count), so that resuming from it trains no more epochs.
+        # Checkpoint callbacks run after EarlyStopping, so the decision is made when this is saved.
+        ended_at = trainer.current_epoch + 1 if trainer.should_stop else None
+        checkpoint.setdefault("transfer", {}).update(
+            {"plan": self.plan, "run_shape": self.run_shape, "stage_ended_at": ended_at}
+        )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig
@@ -126,13 +127,19 @@ def fit_stage(
     )
     # The stage ends on a plateau of the monitored metric (Lightning's EarlyStopping, its state is
     # checkpointed with the rest) within its epochs; under a budget also at its deadline.
-    plateau = [EarlyStopping(monitor=monitor, mode=mode, patience=stage.patience)] if stage.patience else []
+    plateau = (
+        [EarlyStopping(monitor=monitor, mode=mode, patience=int(stage.patience), min_delta=stage.min_delta)]
+        if stage.patience
+        else []
+    )
+    # A checkpoint written as the stage ended (patience, deadline): resuming it trains no more epochs.
+    ended_at = plan.resume.get("stage_ended_at") if plan.resume and resume else None
     replicas = ReplicaCheck()
     # sync_batchnorm through timm's conversion (`transfer.training.sync_batchnorm`), not Lightning's torch one.
     sync = [TimmSyncBatchNorm()] if cfg.trainer.get("sync_batchnorm") else []
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        max_epochs=stage.epochs,
+        max_epochs=ended_at or stage.epochs,
         logger=logger,
         default_root_dir=run_dir,
         sync_batchnorm=False,
@@ -164,6 +171,9 @@ def fit_stage(
         )
         raise
     kept = bests.finish_stage()
+    if plan.restore_best and index + 1 < len(plan.stages) and kept["path"] and kept["stage"] == stage.name:
+        restore_weights(module, kept["path"])
+        log.info("Stage %d '%s' ends; the next stage starts from its best epoch, %s", index, stage.name, kept["path"])
     module.set_stage(stage, index)  # back to images, e.g. for testing
     return {
         **vars(stage),
@@ -177,9 +187,16 @@ def fit_stage(
         "logged_steps": logged_step(trainer),
         "epochs_planned": stage.epochs,
         "epochs_run": trainer.current_epoch,
-        "stopped_early": bool(plateau and plateau[0].stopped_epoch),
+        "stopped_early": bool(plateau and plateau[0].stopped_epoch) or bool(ended_at and ended_at < stage.epochs),
         "seconds": round(time.perf_counter() - began, 1),
     }
+
+
+def restore_weights(module: ClassifierModule, path: str) -> None:
+    """The model weights of checkpoint ``path`` (every process reads the same file; the next stage's
+    fit wraps the model again, so DDP starts from them)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
 
 
 def test_best(

@@ -82,6 +82,9 @@ class RunPlan:
     steps_per_epoch: int  # optimizer steps in one training epoch (per process)
     tta: str  # the run's own test: averaged over these test-time views
     processes: int  # training processes (devices x nodes)
+    # Each later stage starts from the best epoch of the one before (schedule.restore_best); plans
+    # written before it existed continued from the last epoch.
+    restore_best: bool = False
     notes: tuple[str, ...] = ()  # why a value is not the config's: min_steps, the budget, the LR finder
     budget: dict[str, Any] | None = None  # budget.minutes: the costs measured and the epochs planned
     lr_find: dict[str, Any] | None = None  # the LR finder's suggestion and what it replaced
@@ -121,7 +124,7 @@ class RunPlan:
             f"{self.processes} process(es):",
         ]
         for index, (stage, trainable) in enumerate(zip(self.stages, self.trainable, strict=True)):
-            stops = [f"patience {stage.patience}"] if stage.patience else []
+            stops = [f"patience {stage.patience}, min_delta {stage.min_delta:.4g}"] if stage.patience else []
             if stage.ends_by is not None:
                 stops.append(f"ends by {stage.ends_by:.0f}s")
             lines.append(
@@ -132,6 +135,8 @@ class RunPlan:
                 + (f" ({', '.join(stops)})" if stops else "")
                 + f"; {trainable}"
             )
+        if self.restore_best and len(self.stages) > 1:
+            lines.append("  each later stage starts from the best epoch of the stage before it")
         lines += [f"  note: {note}" for note in self.notes]
         if self.resume:
             lines.append(

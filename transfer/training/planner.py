@@ -20,6 +20,7 @@ A resumed run whose settings are those of its checkpoint continues the checkpoin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ from transfer.training.feature_cache import FeatureDataModule
 from transfer.training.lr_find import find_stage_lr
 from transfer.training.plan import AugmentPlan, DataPlan, ModelPlan, RunPlan, TaskPlan, stage_from_dict
 from transfer.training.resume import check_same_run, read_resume, run_shape
+from transfer.training.stopping import PlateauRule, plateau_rule
 
 log = logging.getLogger("transfer")
 
@@ -149,28 +151,44 @@ def explicit_epochs(overrides: Sequence[str], stages: int) -> set[int]:
     return explicit
 
 
-def schedule_stages(cfg: DictConfig, overrides: Sequence[str], steps: int) -> tuple[list[Stage], list[str]]:
+def schedule_stages(
+    cfg: DictConfig, overrides: Sequence[str], steps: int, val_images: int
+) -> tuple[list[Stage], list[str]]:
     """The schedule's stages with at least ``schedule.min_steps`` optimizer steps where the schedule
     set their epochs (on a small dataset an epoch is a step or two, and a schedule written in epochs
-    would hardly train), each head-only stage on cached features with ``feature_cache``; and the notes
-    saying which epochs were raised."""
+    would hardly train), their ``patience: auto`` and ``min_delta`` from the validation split's size
+    (`transfer.training.stopping`), each head-only stage on cached features with ``feature_cache``;
+    and the notes saying which epochs were raised and which patience chosen."""
     stages = parse_stages(cfg.schedule.stages)
     explicit = explicit_epochs(overrides, len(stages))
     min_steps, notes, planned = int(cfg.schedule.min_steps or 0), [], []
+    rule = plateau_rule(val_images, steps, str(cfg.monitor.mode), cfg.schedule.get("min_delta", "auto"))
     for index, stage in enumerate(stages):
         needed = math.ceil(min_steps / max(1, steps))
         if index not in explicit and needed > stage.epochs:
             notes.append(
                 f"stage {index} '{stage.name}': {stage.epochs} epoch(s) of {steps} step(s) are fewer than "
-                f"schedule.min_steps={min_steps}: {needed} epochs (set schedule.stages.{index}.epochs to "
-                "keep yours)"
+                f"schedule.min_steps={min_steps}: at most {needed} epochs (set schedule.stages.{index}.epochs "
+                "to keep yours)"
             )
             stage = dataclasses.replace(stage, epochs=needed)
+        stage = with_patience(stage, rule, val_images)
         planned.append(dataclasses.replace(stage, feature_cache=bool(cfg.get("feature_cache")) and stage.unfreeze == 0))
+    if any(stage.patience == rule.patience for stage in planned) and any(s.patience == "auto" for s in stages):
+        notes.append(rule.why)
     for note in notes:
         log.info("%s", note[0].upper() + note[1:])
     check_feature_cache(cfg, planned)
     return planned, notes
+
+
+def with_patience(stage: Stage, rule: PlateauRule, val_images: int) -> Stage:
+    """The stage's patience as a number (``auto``: the rule's) and the rule's ``min_delta``; no
+    patience without a validation split, whose metric it watches."""
+    if stage.patience is None or val_images == 0:
+        return dataclasses.replace(stage, patience=None, min_delta=0.0)
+    patience = rule.patience if stage.patience == "auto" else int(stage.patience)
+    return dataclasses.replace(stage, patience=patience, min_delta=rule.min_delta)
 
 
 def check_feature_cache(cfg: DictConfig, stages: Sequence[Stage]) -> None:
@@ -193,6 +211,31 @@ def augment_chosen_by(cfg: DictConfig, overrides: Sequence[str]) -> str:
     return "augment= given" if given else f"the default of the data config ({data})"
 
 
+# A training image's cost in backbone forward passes: a frozen backbone only runs forward, an
+# unfrozen part also runs backward (about twice a forward over the layers it covers).
+PASSES_PER_TRAINING_IMAGE = {"head": 1.0, "partial": 2.0, "all": 3.0}
+
+
+def planned_image_passes(stages: Sequence[Stage], train_images: int, val_images: int) -> float:
+    """The planned run's cost in backbone forward passes of one image, every stage at its maximum
+    epochs (training at `PASSES_PER_TRAINING_IMAGE`, validation one pass an image): what the
+    augmentation probe's share is measured against."""
+    total = 0.0
+    for stage in stages:
+        kind = "head" if stage.unfreeze == 0 else "all" if stage.unfreeze == "all" else "partial"
+        total += stage.epochs * (train_images * PASSES_PER_TRAINING_IMAGE[kind] + val_images)
+    return total
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers: the probe's cache names the weights by their
+    content, not by where they came from."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def plan_augmentation(
     cfg: DictConfig,
     overrides: Sequence[str],
@@ -201,6 +244,7 @@ def plan_augmentation(
     splits: dict[str, Any],
     input_config: dict[str, Any],
     run_dir: Path,
+    stages: Sequence[Stage] = (),
 ) -> AugmentPlan:
     """The training pipeline: the augment config's, or the one ``augment=auto``'s probe chooses (also
     written as ``augment/chosen.yaml``: ``--config-dir RUN_DIR augment=chosen`` repeats it unprobed)."""
@@ -211,7 +255,15 @@ def plan_augmentation(
         train = tuple(OmegaConf.to_container(nodes, resolve=True)) if nodes else None  # type: ignore[arg-type]
         return AugmentPlan(name, chosen_by, train, tuple(symmetries_of(train)))
     settings = settings_from(OmegaConf.to_container(cfg.augment.get("probe") or OmegaConf.create({})))  # type: ignore[arg-type]
-    data = ProbeData(table, splits, cfg.data.get("eval_batch_size") or cfg.data.batch_size, cfg.data.num_workers)
+    data = ProbeData(
+        table,
+        splits,
+        cfg.data.get("eval_batch_size") or cfg.data.batch_size,
+        0,  # the main process: loader workers compete with the forward pass for the CPU (probe_views)
+        run_image_passes=planned_image_passes(stages, len(splits["train"]), len(splits["val"])),
+        cache_dir=cfg.paths.get("cache_dir"),
+        model_identity={"backbone": str(cfg.backbone.name), "weights": weights_digest(model)},
+    )
     # The probe's loaders draw from torch's global generator; forking it leaves the training run
     # exactly as it would be with the chosen augmentation given explicitly.
     with torch.random.fork_rng(devices=[]):
@@ -381,7 +433,7 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
         stages = [dataclasses.replace(stage_from_dict(s), ends_by=None) for s in earlier["stages"]]
         notes = [f"resumed: the stages of {resumed['path']}'s plan"]
     else:
-        stages, notes = schedule_stages(cfg, overrides, steps)
+        stages, notes = schedule_stages(cfg, overrides, steps, len(splits["val"]))
     # 4. task
     task.fit(table, splits["train"])  # e.g. regression targets' scaling, from training images only
     write_split(run_dir / MANIFEST, table, splits)
@@ -391,7 +443,7 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
     if earlier:
         augment = augment_from_dict(earlier["augment"], "resumed: the checkpoint's plan")
     else:
-        augment = plan_augmentation(cfg, overrides, model, table, splits, input_config, run_dir)
+        augment = plan_augmentation(cfg, overrides, model, table, splits, input_config, run_dir, stages)
     module = build_module(cfg, model, table, task, input_config, model_kwargs, weights, augment)
     datamodule = build_datamodule(cfg, table, splits, input_config, augment)
     # 6. budget
@@ -434,6 +486,7 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
         steps_per_epoch=steps,
         tta=str(cfg.tta),
         processes=processes,
+        restore_best=bool(earlier.get("restore_best", False)) if earlier else bool(cfg.schedule.get("restore_best")),
         notes=tuple(notes),
         budget=budget,
         lr_find=lr_search,
@@ -441,6 +494,8 @@ def plan_run(cfg: DictConfig, overrides: Sequence[str], started: float) -> Plann
             "checkpoint": str(resumed["path"]),
             "stage_index": int(resumed["stage_index"]),
             "stage_name": resumed["stage_name"],
+            # written after the stage's last epoch (its patience or deadline ended it): nothing to train
+            "stage_ended_at": resumed.get("stage_ended_at"),
         }
         if resumed
         else None,
