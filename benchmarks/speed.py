@@ -158,9 +158,10 @@ def probe_cell(args: argparse.Namespace, workers: int) -> dict[str, float]:
     pipelines = {"originals": eval_transform(input_config), **view_pipelines(input_config, ProbeSettings(), 0)}
     images = args.batch * (args.steps + args.warmup) // len(pipelines)
     paths = [datamodule.table.paths[i] for i in datamodule.splits["train"][: images + 8]]
-    view_features(module.model, paths[-8:], pipelines, 0, args.batch, workers, True)  # warm-up
+    square = input_config["size"][0] == input_config["size"][1]
+    view_features(module.model, paths[-8:], pipelines, 0, args.batch, workers, True, square)  # warm-up
     started = time.perf_counter()
-    view_features(module.model, paths[:images], pipelines, 0, args.batch, workers, True)
+    view_features(module.model, paths[:images], pipelines, 0, args.batch, workers, True, square)
     seconds = time.perf_counter() - started
     return {"images_per_s": images * len(pipelines) / seconds, **peak_memory()}
 
@@ -302,6 +303,17 @@ def print_table(rows: list, memory_key: str, with_compile: bool) -> None:
         print("| " + " | ".join(cols) + " |")
 
 
+def probe_rows(args: argparse.Namespace, workers: int, rows: list) -> tuple[dict, dict[int, dict]]:
+    """The in-memory forward limit and the probe's feature pass (main process, and ``workers``
+    loader workers), appended to ``rows``."""
+    forward = run_cell(args, ["forward", 0])
+    probes = {n: run_cell(args, ["probe", n]) for n in sorted({0, workers})}
+    rows.append(("frozen forward pass, images in memory (the limit)", forward, None, None))
+    for n, probe in probes.items():
+        rows.append((f"augment=auto probe, 7 views an image, {n} worker(s)", probe, None, None))
+    return forward, probes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tf_efficientnet_lite0")
@@ -332,16 +344,13 @@ def main() -> None:
         flush=True,
     )
     rows: list[tuple[str, dict, dict | None, dict | None]] = []  # name, toolkit, plain, compiled
-    forward = run_cell(args, ["forward", 0])
-    probes = {n: run_cell(args, ["probe", n]) for n in sorted({0, workers})}
-    rows.append(("frozen forward pass, images in memory (the limit)", forward, None, None))
-    for n, probe in probes.items():
-        rows.append((f"augment=auto probe, 7 views an image, {n} worker(s)", probe, None, None))
+    memory = "peak_cuda_mb" if args.trainer == "gpu" else "peak_rss_mb"
     if args.probe_only:
-        print_table(rows, "peak_cuda_mb" if args.trainer == "gpu" else "peak_rss_mb", False)
+        forward, probes = probe_rows(args, workers, rows)
+        print_table(rows, memory, False)
         print()
         for n, probe in probes.items():
-            print(f"probe ({n} worker(s)) / forward limit: {probe['images_per_s'] / forward['images_per_s']:.2f}")
+            print(f"probe ({n} worker(s)) / forward limit: {probe['images_per_s'] / forward['images_per_s']:.2f}x")
         return
     for name, cell_workers in ((f"data pipeline, {workers} worker(s)", workers), ("data pipeline, main process", 0)):
         rows.append((name, run_cell(args, ["data", cell_workers]), None, None))
@@ -363,14 +372,15 @@ def main() -> None:
             None,
         )
     )
-    print_table(rows, "peak_cuda_mb" if args.trainer == "gpu" else "peak_rss_mb", args.compile)
+    forward, probes = probe_rows(args, workers, rows)
+    print_table(rows, memory, args.compile)
     print()
     print(f"head only / full (toolkit): {stage_speed['head only'] / stage_speed['full']:.2f}x")
     print(
         f"feature cache / no cache (head only, augment=none): {cached['images_per_s'] / uncached['images_per_s']:.1f}x"
     )
     for n, probe in probes.items():
-        print(f"probe ({n} worker(s)) / forward limit: {probe['images_per_s'] / forward['images_per_s']:.2f}")
+        print(f"probe ({n} worker(s)) / forward limit: {probe['images_per_s'] / forward['images_per_s']:.2f}x")
     fastest = max(stage_speed.values())
     print(
         f"data pipeline ({workers} worker(s)) / fastest stage's consumption: "

@@ -207,3 +207,37 @@ def test_too_few_images_to_probe_train_without_augmentation(tmp_path: Path) -> N
     results = probe_run(root, tmp_path / "run")
     assert results["augment"]["train"] is None and results["augment"]["evidence"] == {}
     assert "too few images" in results["augment"]["reason"]
+
+
+def test_the_probe_fits_its_share_of_the_planned_run() -> None:
+    from transfer.augment.probe import affordable_views, probe_size
+
+    settings = ProbeSettings()  # 10% of the run, at least 200 images, at most 1,000
+    names = ["hflip", "vflip", "rot90", "crop0.7", "crop0.35", "colour"]
+    # a long run affords every view on 1,000 images; 20,000 passes over 7 views, 285 images
+    assert affordable_views(names, 5000, 1e6, settings) == names and probe_size(5000, 6, 1e6, settings) == 1000
+    assert probe_size(5000, 6, 20_000, settings) == 285
+    # shorter runs: colour, then the strongest crop, then the mildest, until 200 images fit
+    assert affordable_views(names, 5000, 10_000, settings) == ["hflip", "vflip", "rot90", "crop0.7"]
+    assert affordable_views(names, 5000, 8_000, settings) == ["hflip", "vflip", "rot90"]
+    assert affordable_views(names, 5000, 100, settings) == ["hflip", "vflip", "rot90"]  # flips and turns stay
+    assert probe_size(5000, 3, 100, settings) == 200  # never fewer than 200 images
+    # 150 images: they all fit once colour is left out
+    assert affordable_views(names, 150, 10_000, settings) == names[:-1] and probe_size(150, 5, 10_000, settings) == 150
+    assert affordable_views(names, 5000, None, settings) == names  # no plan to measure against: no cap
+
+
+def test_flips_and_turns_made_from_the_evaluation_crop_equal_those_made_from_the_image() -> None:
+    import torch
+
+    from transfer.augment.probe import view_pipelines
+    from transfer.augment.probe_views import DERIVED
+    from transfer.data.transforms import eval_transform
+
+    config = {"size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 0.875, "interpolation": "bicubic"}
+    # 48x48 -> 36x36 -> the center 32x32: even margins (odd ones put the crop one pixel apart)
+    image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    original = eval_transform(config)(image=image)["image"]
+    pipelines = view_pipelines(config, ProbeSettings(), seed=0)
+    for name, derive in DERIVED.items():
+        torch.testing.assert_close(derive(original), pipelines[name](image=image)["image"], atol=1e-5, rtol=0, msg=name)

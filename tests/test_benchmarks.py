@@ -54,7 +54,16 @@ def test_speed_benchmark_prints_every_row_and_the_target_ratios() -> None:
         rounding = 0.05 / toolkit + 0.05 / plain
         assert toolkit > 0 and plain > 0 and ratio == pytest.approx(toolkit / plain, rel=0.02 + rounding, abs=0.015)
         assert toolkit_mb > 100 and plain_mb > 100
-    for label in ("head only / full", "feature cache / no cache", "fastest stage's consumption"):
+    assert names[-2:] == [
+        "frozen forward pass, images in memory (the limit)",
+        "augment=auto probe, 7 views an image, 0 worker(s)",
+    ]
+    for label in (
+        "head only / full",
+        "feature cache / no cache",
+        "fastest stage's consumption",
+        "probe (0 worker(s)) / forward limit",
+    ):
         assert re.search(re.escape(label) + r".*: \d+\.\d+x", done.stdout), label
 
 

@@ -69,7 +69,8 @@ def test_scan_and_probe_show_progress_on_a_terminal_and_none_in_logs(tmp_path: P
     assert done.wait(timeout=600) == 0
     screen = drawn.decode(errors="replace")
     assert "Checking images" in screen and "1000/1000" in screen
-    assert "augment=auto probe: 200 images x 5 views" in screen  # one pass, each image decoded once
+    # one pass, each image decoded once; 10% of this short plan affords the flips and the turn only
+    assert "augment=auto probe: 200 images, originals + 3 views" in screen
     # Through pipes (a log, a CI job): the same steps as log lines, and no bar.
     piped = subprocess.run(plan_command(images, tmp_path / "pipe"), capture_output=True, text=True, cwd=tmp_path)
     assert piped.returncode == 0, piped.stderr[-2000:]

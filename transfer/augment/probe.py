@@ -364,7 +364,10 @@ def choose_augmentation(
         if data.run_image_passes is None
         else f"; {len(rows) * len(pipelines) / data.run_image_passes:.0%} of the planned run's backbone passes",
     )
-    features = view_features(model, paths, pipelines, seed, data.batch_size, data.num_workers, channels_last)
+    height, width = input_config["size"]
+    features = view_features(
+        model, paths, pipelines, seed, data.batch_size, data.num_workers, channels_last, square=height == width
+    )
     original = features.pop("originals")
     views = features
     extracted = time.perf_counter()
