@@ -19,7 +19,7 @@ at the end of each curve) to ``--out``.
 
     pip install -e '.[peers]' -c constraints.txt       # fastai and AutoTimm: not needed otherwise
     python benchmarks/peers.py [--dataset elpv|characters] [--tools transfer fastai autotimm]
-                               [--epochs 10] [--out outputs/peers]
+                               [--epochs 6] [--out outputs/peers]
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ def lightning_timeline(path: str, metric: str, started: float, package: str = "l
     base = importlib.import_module(package).Callback
 
     class Timeline(base):  # type: ignore[misc, valid-type]
-        def on_validation_epoch_end(self, trainer: Any, module: Any) -> None:
-            if trainer.sanity_checking or metric not in trainer.callback_metrics:
+        # After the epoch's validation (Lightning runs it inside the training epoch), when its
+        # metrics are final: in on_validation_epoch_end a callback runs before they are.
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            if metric not in trainer.callback_metrics:
                 return
             with open(path, "a") as stream:
                 row = {"seconds": time.time() - float(started), "val_acc": float(trainer.callback_metrics[metric])}
@@ -83,7 +85,8 @@ def run_transfer(args: argparse.Namespace, out: Path, timeline: Path, started: f
         "+callbacks.timeline.metric=val/acc",
         f"+callbacks.timeline.started={started}",
     ]
-    result = fine_tune([*data_overrides(args.dataset, out), *callback], run_dir=out / "transfer")
+    run_dir = out / "transfer" / time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))  # a new folder per run
+    result = fine_tune([*data_overrides(args.dataset, out), *callback], run_dir=run_dir)
     return {"test_acc": result.test["acc"], "epochs": [s["epochs_run"] for s in result.results["stages"]]}
 
 
@@ -97,7 +100,7 @@ def timm_weights(out: Path) -> Path:
     path = out / f"{MODEL}.safetensors"
     if not path.exists():
         model = timm.create_model(MODEL, pretrained=False)
-        load_packaged(model, "efficientnet_lite0")
+        load_packaged(model, MODEL)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 
@@ -131,8 +134,10 @@ def run_fastai(args: argparse.Namespace, out: Path, timeline: Path, started: flo
     learn = vision_learner(
         dls, MODEL, metrics=accuracy, pretrained=True, pretrained_cfg_overlay={"file": str(timm_weights(out))}
     )
-    learn.add_cb(Record())
+    record = Record()
+    learn.add_cb(record)
     learn.fine_tune(args.epochs)
+    learn.remove_cb(record)  # get_preds runs an epoch of its own
     test = pd.DataFrame([{"path": r["path"], "label": r["label"]} for r in rows["test"]])
     predictions, targets = learn.get_preds(dl=learn.dls.test_dl(test, with_labels=True))
     return {"test_acc": float((predictions.argmax(1) == targets).float().mean()), "epochs": [1, args.epochs]}
@@ -153,7 +158,7 @@ def run_autotimm(args: argparse.Namespace, out: Path, timeline: Path, started: f
     classes = sorted({r["label"] for r in rows["train"]})
     weights = timm_weights(out)
     data = ImageDataModule(
-        train_csv=files["train"], val_csv=files["val"], test_csv=files["test"], image_dir="/",
+        train_csv=str(files["train"]), val_csv=str(files["val"]), test_csv=str(files["test"]), image_dir="/",
         image_column="path", label_column="label", image_size=224, batch_size=32,
     )  # fmt: skip
     metrics = [
@@ -228,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="elpv", choices=["elpv", "characters"])
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
-    parser.add_argument("--epochs", type=int, default=10, help="fastai's fine_tune epochs and AutoTimm's max_epochs")
+    parser.add_argument("--epochs", type=int, default=6, help="fastai's fine_tune epochs and AutoTimm's max_epochs")
     parser.add_argument("--out", default="outputs/peers")
     parser.add_argument("--tool", help=argparse.SUPPRESS)
     parser.add_argument("--started", help=argparse.SUPPRESS)
@@ -248,6 +253,10 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"{tool} failed (exit {done.returncode})")
         reports[tool] = json.loads((out / f"{tool}.json").read_text())
+    for tool in TOOLS:  # a tool not run this time keeps its last report (rerun one tool alone)
+        if tool not in reports and (out / f"{tool}.json").exists():
+            reports[tool] = json.loads((out / f"{tool}.json").read_text())
+    reports = {tool: reports[tool] for tool in TOOLS if tool in reports}
     (out / "peers.json").write_text(json.dumps(reports, indent=1))
     plot(reports, out / "peers.png", args.dataset)
     print(f"\n{args.dataset}, {MODEL} (packaged ImageNet weights), the toolkit's split; {out / 'peers.png'}\n")

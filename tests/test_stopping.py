@@ -75,7 +75,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("restore_best", [True, False])
+@pytest.mark.parametrize("restore_best", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_the_next_stage_starts_from_the_best_epoch_of_the_stage_before(tmp_path: Path, restore_best: bool) -> None:
     # The largest val/loss is "best": on these separable images the loss falls every epoch, so the
     # head stage's best epoch is its first, not its last.
