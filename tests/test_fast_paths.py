@@ -141,6 +141,7 @@ def test_feature_cache_refuses_random_augmentation(image_folder: Path, tmp_path:
         train_config(cfg)
 
 
+@pytest.mark.slow  # torch.compile's first compilation: in CI, not in the developer's loop
 def test_compiled_model_keeps_its_parameter_names_and_outputs() -> None:
     model, images = tiny_model("test_resnet")
     model.eval()
