@@ -148,14 +148,13 @@ def forward_cell(args: argparse.Namespace) -> dict[str, float]:
 def probe_cell(args: argparse.Namespace, workers: int) -> dict[str, float]:
     """augment=auto's feature pass (`transfer.augment.probe_views`) over ELPV images: each decoded
     once, the originals and the six candidate views, in the data config's loader workers."""
-    from transfer.augment.probe import ProbeSettings, view_pipelines
+    from transfer.augment.probe import ProbeSettings, probe_pipelines
     from transfer.augment.probe_views import view_features
-    from transfer.data.transforms import eval_transform
 
     cfg = compose(args, 0, ["augment=none"])
     module, datamodule = setup(cfg)
     input_config = module.hparams["input_config"]
-    pipelines = {"originals": eval_transform(input_config), **view_pipelines(input_config, ProbeSettings(), 0)}
+    pipelines = probe_pipelines(input_config, ProbeSettings(), 0)
     images = args.batch * (args.steps + args.warmup) // len(pipelines)
     paths = [datamodule.table.paths[i] for i in datamodule.splits["train"][: images + 8]]
     square = input_config["size"][0] == input_config["size"][1]

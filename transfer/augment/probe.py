@@ -100,6 +100,14 @@ def view_pipelines(input_config: Mapping[str, Any], settings: ProbeSettings, see
     return pipelines
 
 
+def probe_pipelines(
+    input_config: Mapping[str, Any], settings: ProbeSettings, seed: int, views: list[str] | None = None
+) -> dict[str, A.Compose]:
+    """The evaluation transform (``originals``) and the candidate ``views`` (all of them: None)."""
+    candidates = view_pipelines(input_config, settings, seed)
+    return {"originals": eval_transform(input_config), **{n: candidates[n] for n in (views or candidates)}}
+
+
 def probe_rows(table: ImageTable, splits: Mapping[str, np.ndarray], max_images: int, seed: int) -> np.ndarray:
     """Table rows of the training and validation splits (never test), a stratified subset."""
     rows = np.concatenate([splits["train"], splits["val"]])
@@ -351,8 +359,7 @@ def choose_augmentation(
         report = {**cached, "cached": True, "seconds": round(time.perf_counter() - started, 1)}
         log_decision(report)
         return report
-    pipelines = {"originals": eval_transform(input_config), **view_pipelines(input_config, settings, seed)}
-    pipelines = {name: pipelines[name] for name in ("originals", *names)}
+    pipelines = probe_pipelines(input_config, settings, seed, names)
     log.info(
         "augment=auto: probing %d of %d training/validation images, originals and %d views (%s), "
         "each image decoded once%s",

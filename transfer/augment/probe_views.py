@@ -16,7 +16,6 @@ pass runs in.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -123,7 +122,3 @@ def view_features(
         model.train(was_training)
     features = torch.cat(chunks).numpy().astype(np.float64)
     return {name: features[:, names.index(name)] for name in pipelines}
-
-
-def describe_views(pipelines: Mapping[str, Any]) -> str:
-    return ", ".join(name for name in pipelines if name != "originals")

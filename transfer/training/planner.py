@@ -51,6 +51,7 @@ from transfer.model.stage import Stage, parse_stages
 from transfer.model.tta import tta_symmetries
 from transfer.tasks import Classification, Task
 from transfer.training.budget import check_single_process, plan_budget
+from transfer.training.callbacks import state_digests
 from transfer.training.feature_cache import FeatureDataModule
 from transfer.training.lr_find import find_stage_lr
 from transfer.training.plan import AugmentPlan, DataPlan, ModelPlan, RunPlan, TaskPlan, stage_from_dict
@@ -228,12 +229,9 @@ def planned_image_passes(stages: Sequence[Stage], train_images: int, val_images:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers: the probe's cache names the weights by their
-    content, not by where they came from."""
-    digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """One SHA-256 of the model's parameters and buffers (`state_digests`, as the replica check
+    compares them): the probe's cache names the weights by their content, not by where they came from."""
+    return hashlib.sha256("".join(state_digests(model)).encode()).hexdigest()
 
 
 def plan_augmentation(
