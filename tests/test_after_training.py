@@ -242,13 +242,20 @@ def test_export_passes_parity_and_predicts_right_outside_the_toolkit(trained, tm
     paths = sorted((trained["images"] / "dog").glob("*.png"))[:5]
     batch = np.stack([reference_preprocess(p, spec) for p in paths])
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {spec["input_name"]: batch})[0]
+    assert [o.name for o in session.get_outputs()] == spec["onnx_outputs"] == ["logits", "probabilities", "features"]
+    logits, probabilities, features = session.run(None, {spec["input_name"]: batch})
     outside = torch.from_numpy(logits).softmax(-1)
     classifier = load_classifier(trained["ckpt"])
-    inside = classifier.probabilities(
-        torch.stack([classifier.preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in paths])
-    )
+    images = torch.stack([classifier.preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in paths])
+    inside = classifier.probabilities(images)
     torch.testing.assert_close(outside, inside, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(probabilities), inside, atol=1e-5, rtol=1e-4)
+    with torch.inference_mode():  # the pooled features the head reads: the head applied to them gives the logits
+        pooled = classifier.model.forward_head(classifier.model.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(torch.from_numpy(features), pooled, atol=1e-4, rtol=1e-4)
+        head = classifier.model.get_classifier()
+        torch.testing.assert_close(head(torch.from_numpy(features)), torch.from_numpy(logits), atol=1e-4, rtol=1e-4)
+    assert set(report["formats"]["onnx"]["outputs"]) == {"logits", "probabilities", "features"}
     scripted = torch.jit.load(str(out / "model.torchscript.pt"))
     torch.testing.assert_close(scripted(torch.from_numpy(batch)).softmax(-1), inside, atol=1e-5, rtol=1e-4)
 
@@ -277,6 +284,40 @@ def test_int8_export_is_quantized_and_compared_with_fp32_on_the_test_split(train
     session = onnxruntime.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 2)
     assert json.loads((out / "quantization.json").read_text()) == report
+
+
+def test_the_servers_onnx_is_exported_once_and_every_runtime_answers_alike(trained, tmp_path: Path) -> None:
+    """``serve.py backend=onnxruntime``: the checkpoint's inference graph exported into the cache on
+    first use and reused; ONNX Runtime and PyTorch give the checkpoint's probabilities, with TTA."""
+    pytest.importorskip("onnxruntime")
+    from transfer.inference.runtimes import OnnxRuntime, TorchRuntime, cached_onnx
+
+    classifier = load_classifier(trained["ckpt"])
+    path = cached_onnx(classifier, tmp_path / "cache")
+    assert path.parent.parent == tmp_path / "cache" / "onnx" and (path.parent / "parity.json").is_file()
+    written = path.stat().st_mtime_ns
+    assert cached_onnx(load_classifier(trained["ckpt"]), tmp_path / "cache") == path
+    assert path.stat().st_mtime_ns == written  # not exported again
+
+    paths = (
+        sorted((trained["images"] / "cat").glob("*.png"))[:3] + sorted((trained["images"] / "dog").glob("*.png"))[:3]
+    )
+    reference = load_classifier(trained["ckpt"])
+    images = torch.stack([reference.preprocess(np.asarray(Image.open(p).convert("RGB"))) for p in paths])
+    for tta in ("none", "flips"):
+        expected = reference.probabilities(images, tta)
+        for runtime in (
+            OnnxRuntime(path, load_classifier(trained["ckpt"]), 1),
+            TorchRuntime(load_classifier(trained["ckpt"])),
+        ):
+            torch.testing.assert_close(runtime.probabilities(images, tta), expected, atol=1e-5, rtol=1e-4)
+
+    plain = tmp_path / "logits_only.onnx"  # an ONNX file from before the graph had named outputs
+    torch.onnx.export(
+        reference.model, (images[:1],), str(plain), input_names=["image"], output_names=["logits"], dynamo=True
+    )
+    with pytest.raises(TransferError, match="export it again"):
+        OnnxRuntime(plain, reference)
 
 
 def test_timm_loads_the_exported_classifier_and_training_continues_from_it(trained, tmp_path: Path) -> None:

@@ -188,18 +188,19 @@ def test_serve_load_accounts_for_every_request(tmp_path) -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [
-        line.split("|")[1:-1]
-        for line in done.stdout.splitlines()
-        if line.startswith("| ") and "---" not in line and "batching |" not in line
-    ]
-    assert [(r[0].strip(), int(r[1])) for r in rows] == [
-        ("on (max_batch_size 8)", 1),
-        ("on (max_batch_size 8)", 4),
-        ("off (max_batch_size 1)", 1),
-        ("off (max_batch_size 1)", 4),
+    limits, served = done.stdout.split("Served")
+    limit_rows = [line.split("|")[1:-1] for line in limits.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip() for r in limit_rows[1:]] == ["PyTorch", "ONNX Runtime fp32"]
+    assert all(float(cell) > 0 for r in limit_rows[1:] for cell in r[1:])
+    rows = [line.split("|")[1:-1] for line in served.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0].strip(), r[1].strip(), int(r[2])) for r in rows] == [
+        (runtime, batching, clients)
+        for runtime in ("PyTorch", "ONNX Runtime fp32")
+        for batching in ("on (8)", "off")
+        for clients in (1, 4)
     ]
     for row in rows:
-        sent, answered, failed = (int(cell) for cell in row[2:5])
+        sent, answered, failed = (int(cell) for cell in row[3:6])
         assert sent == 12 and answered == 12 and failed == 0
-        assert float(row[5]) > 0 and 0 < float(row[6]) <= float(row[7]) <= float(row[8])
+        assert float(row[6]) > 0 and row[7].strip().endswith("%")
+        assert 0 < float(row[8]) <= float(row[9]) <= float(row[10])

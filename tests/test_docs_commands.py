@@ -306,10 +306,10 @@ def run_command(command: DocCommand, world: dict, counter: Iterator[int]) -> Non
         return
     cfg = compose(command.program, overrides, config_dir=config_dir, output_dir=out)
     if command.program == "serve":
-        from transfer.inference.serve import build_server
+        from transfer.inference.serve import build_server, serving_plan
 
         resolve_checkpoint(cfg)
-        build_server(cfg)
+        build_server(cfg, serving_plan(cfg))
         return
     from transfer.cli.commands import job_from
 

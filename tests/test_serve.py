@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -49,12 +50,7 @@ def encoded(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    images = write_image_folder(tmp / "images", per_class=12)
-    results = train_run([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp / "run")
-    ckpt = results["best_checkpoint"]["path"]
+def start_server(ckpt: str, workdir: Path, overrides: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [
@@ -62,11 +58,8 @@ def server(tmp_path_factory):
             str(ROOT / "serve.py"),
             f"ckpt={ckpt}",
             f"port={port}",
-            "max_body_mb=1",
-            "max_image_pixels=1000000",
-            "max_batch_size=4",
-            "batch_timeout=0.05",
-            f"hydra.run.dir={tmp / 'serve'}",
+            f"hydra.run.dir={workdir}",
+            *overrides,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -78,7 +71,7 @@ def server(tmp_path_factory):
     while time.time() < deadline:
         try:
             if request(url + "/health")[0] == 200:
-                break
+                return process, url
         except OSError:
             pass
         if process.poll() is not None:
@@ -86,9 +79,19 @@ def server(tmp_path_factory):
             stop_server_process(process)
             pytest.fail(output)
         time.sleep(0.5)
-    else:
-        stop_server_process(process)
-        pytest.fail("the server did not come up in 300 s")
+    stop_server_process(process)
+    pytest.fail("the server did not come up in 300 s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The default server (ONNX Runtime on a CPU: the checkpoint exported at start) with small limits."""
+    tmp = tmp_path_factory.mktemp("serve")
+    images = write_image_folder(tmp / "images", per_class=12)
+    results = train_run([*FAST, "data=folder", f"data.root={images}", "augment=none"], tmp / "run")
+    ckpt = results["best_checkpoint"]["path"]
+    overrides = ["max_body_mb=1", "max_image_pixels=1000000", "max_batch_size=4", "batch_timeout=0.05"]
+    process, url = start_server(ckpt, tmp / "serve", overrides)
     yield {"url": url, "ckpt": ckpt, "images": images, "tmp": tmp}
     stop_server_process(process)
 
@@ -114,6 +117,8 @@ def test_predict_answers_with_the_checkpoints_own_probabilities(server) -> None:
 def test_info_health_and_the_page(server) -> None:
     info = json.loads(request(server["url"] + "/info")[1])
     assert info["model"]["classes"] == ["cat", "dog"] and info["model"]["backbone"] == "test_resnet"
+    if importlib.util.find_spec("onnxruntime"):  # the default on a CPU where the export extra is installed
+        assert info["model"]["runtime"] == "onnxruntime" and info["model"]["onnx"].endswith("model.onnx")
     assert request(server["url"] + "/health") == (200, b"ok")
     status, page = request(server["url"] + "/")
     assert status == 200 and b'id="file"' in page and b"/explain" in page
@@ -183,6 +188,37 @@ def test_explain_returns_the_prediction_and_a_grad_cam_overlay(server) -> None:
     assert overlay.size == (32, 32)  # the model's view of the image
     expected = expected_probabilities(server["ckpt"], [path])[0]
     assert answer["prediction"]["probabilities"]["dog"] == pytest.approx(float(expected[1]), abs=1e-5)
+
+
+def test_pytorch_and_the_int8_export_serve_the_same_answers(server) -> None:
+    """backend=torch, and ONNX Runtime on ``export.py quantize=int8``'s file, each without batching:
+    PyTorch gives the checkpoint's probabilities; INT8 valid ones, nearly the same."""
+    pytest.importorskip("onnxruntime")
+    from tests.fixtures import command_config
+    from transfer.inference.export import export
+
+    export_dir = server["tmp"] / "int8"
+    export(command_config("export", export_dir, [f"ckpt={server['ckpt']}", "formats=[onnx]", "quantize=int8"]))
+    paths = sorted((server["images"] / "cat").glob("*.png"))[:3] + sorted((server["images"] / "dog").glob("*.png"))[:3]
+    body = json.dumps({"images": [encoded(p) for p in paths]}).encode()
+    expected = expected_probabilities(server["ckpt"], paths)
+    for name, overrides, tolerance in (
+        ("torch", ["backend=torch", "max_batch_size=1"], 1e-5),
+        ("int8", ["backend=onnxruntime", f"onnx={export_dir / 'model.int8.onnx'}", "max_batch_size=1"], 0.1),
+    ):
+        process, url = start_server(server["ckpt"], server["tmp"] / f"serve_{name}", overrides)
+        try:
+            status, answer = request(url + "/predict", body)
+            info = json.loads(request(url + "/info")[1])["model"]
+        finally:
+            stop_server_process(process)
+        assert status == 200, answer
+        assert info["runtime"] == ("torch" if name == "torch" else "onnxruntime")
+        served = torch.tensor(
+            [[p["probabilities"][c] for c in ("cat", "dog")] for p in json.loads(answer)["predictions"]]
+        )
+        torch.testing.assert_close(served.sum(-1), torch.ones(len(paths)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(served, expected, atol=tolerance, rtol=0)
 
 
 def chromium() -> str | None:

@@ -1,9 +1,14 @@
 """``export.py``: ONNX and TorchScript files that predict correctly outside the toolkit.
 
 Each export is checked on real images: ONNX Runtime and the TorchScript module must give the
-same logits as the PyTorch model (max abs difference under ``tolerance``), and
+same outputs as the PyTorch model (max abs difference under ``tolerance``), and
 ``preprocessing.json`` records the exact preprocessing, so code that has never seen this
 toolkit can feed the model what it was trained on.
+
+The ONNX model is the whole inference graph (`transfer.inference.graph`): outputs ``logits``,
+``probabilities`` (the task's decoding) and ``features`` (the pooled features), each checked; the
+server's ONNX Runtime backend runs that file. TorchScript and timm's format hold the timm model
+(logits), as LibTorch and ``timm.create_model`` users expect.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from transfer.data.files import find_images
 from transfer.data.images import load_rgb
 from transfer.data.transforms import resize_target
 from transfer.errors import TransferError
+from transfer.inference.graph import OUTPUTS, InferenceGraph
 from transfer.model.classifier import Classifier, load_classifier
 
 log = logging.getLogger("transfer")
 FORMATS = ("onnx", "torchscript", "timm")
+Runner = Callable[[np.ndarray], dict[str, np.ndarray]]  # images -> the outputs an export gives, by name
 
 
 def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
@@ -48,6 +55,7 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
         "std": config["std"],
         "layout": "NCHW float32, batch dimension dynamic",
         "input_name": "image",
+        "onnx_outputs": list(OUTPUTS),
         "task": classifier.task.name,
         "task_state": classifier.task.state(),  # e.g. per-tag thresholds, regression targets' mean and std
         "output": classifier.task.describe_output(),
@@ -57,9 +65,8 @@ def preprocessing_spec(classifier: Classifier) -> dict[str, Any]:
     }
 
 
-def export_onnx(
-    model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path
-) -> Callable[[np.ndarray], np.ndarray]:
+def export_onnx(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path) -> Runner:
+    """The inference graph (logits, probabilities, features) as ONNX, batch dimension dynamic."""
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
@@ -71,33 +78,29 @@ def export_onnx(
     for name in ("onnxscript", "onnx_ir"):  # their graph-optimisation chatter is not the user's business
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.onnx.export(
-        model,
+        InferenceGraph(model, classifier.task).eval(),
         (example,),
         str(path),
         input_names=["image"],
-        output_names=["logits"],
+        output_names=list(OUTPUTS),
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         dynamo=True,
         external_data=False,
         verbose=False,
     )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda images: session.run(None, {"image": images})[0]
+    return lambda images: dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"image": images}), strict=True))
 
 
-def export_torchscript(
-    model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path
-) -> Callable[[np.ndarray], np.ndarray]:
+def export_torchscript(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path) -> Runner:
     with warnings.catch_warnings():  # deprecated in favour of torch.export, still what LibTorch loads
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.trace(model, example).save(str(path))
         loaded = torch.jit.load(str(path), map_location="cpu")
-    return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
+    return lambda images: {"logits": loaded(torch.from_numpy(images)).detach().numpy()}
 
 
-def export_timm(
-    model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path
-) -> Callable[[np.ndarray], np.ndarray]:
+def export_timm(model: torch.nn.Module, classifier: Classifier, example: torch.Tensor, path: Path) -> Runner:
     """timm's own format (timm's ``save_for_hf``): ``model.safetensors`` and ``config.json`` with the
     architecture, model arguments, class names and preprocessing, so that
     ``timm.create_model("local-dir:PATH", pretrained=True)`` builds this classifier, and
@@ -123,7 +126,7 @@ def export_timm(
         data_config=data_config,
     )
     loaded = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
-    return lambda images: loaded(torch.from_numpy(images)).detach().numpy()
+    return lambda images: {"logits": loaded(torch.from_numpy(images)).detach().numpy()}
 
 
 EXPORTERS = {
@@ -131,6 +134,13 @@ EXPORTERS = {
     "torchscript": (export_torchscript, "model.torchscript.pt"),
     "timm": (export_timm, "timm"),
 }
+
+
+def output_difference(exported: np.ndarray, expected: np.ndarray, name: str) -> float:
+    """The largest difference of one output: absolute for logits and probabilities; for the pooled
+    features, relative to their largest magnitude (hundreds of values of any scale)."""
+    difference = float(np.abs(exported - expected).max())
+    return difference / max(1.0, float(np.abs(expected).max())) if name == "features" else difference
 
 
 def parity_images(cfg: DictConfig, classifier: Classifier) -> tuple[torch.Tensor, list[str]]:
@@ -218,7 +228,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     model = classifier.model.float().eval()
     images, paths = parity_images(cfg, classifier)
     with torch.inference_mode():
-        expected = model(images).numpy()
+        expected = dict(zip(OUTPUTS, (o.numpy() for o in InferenceGraph(model, classifier.task)(images)), strict=True))
     report: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt),
         "parity_images": paths,
@@ -229,12 +239,20 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     for name in cfg.formats:
         exporter, filename = EXPORTERS[name]
         runner = exporter(model, classifier, images[:2], out_dir / filename)
-        difference = float(np.abs(runner(images.numpy()) - expected).max())
-        report["formats"][name] = {"file": filename, "max_abs_diff": difference, "passed": difference <= cfg.tolerance}
+        outputs = runner(images.numpy())
+        differences = {key: output_difference(value, expected[key], key) for key, value in outputs.items()}
+        difference = max(differences.values())
+        report["formats"][name] = {
+            "file": filename,
+            "outputs": differences,
+            "max_abs_diff": difference,
+            "passed": difference <= cfg.tolerance,
+        }
         log.info(
-            "%s: %s, max |logit difference| on %d real images = %.2e (tolerance %.0e)",
+            "%s: %s, max |difference| of %s on %d real images = %.2e (tolerance %.0e)",
             name,
             out_dir / filename,
+            ", ".join(outputs),
             len(paths),
             difference,
             cfg.tolerance,

@@ -7,7 +7,8 @@ computed at inference: the usual CPU speed-up for CNNs. Dynamic quantization
 needs no calibration and is the usual choice for transformer MatMuls; static quantization falls
 back to it (with a warning) where ONNX Runtime cannot quantize a graph statically. Both follow
 ONNX Runtime's recipe: ``quant_pre_process`` (shape inference, graph optimisation), then QDQ
-format, unsigned 8-bit activations, signed 8-bit per-channel weights.
+format, unsigned 8-bit activations, signed 8-bit per-channel weights. The task's decoding after the
+logits (softmax, sigmoid) stays in float: probabilities keep their precision.
 
 The INT8 model is then run next to the fp32 ONNX model on the test split: both accuracies, their
 difference and how often the two agree are written to ``quantization.json``.
@@ -42,6 +43,26 @@ class CalibrationBatches:
         return None if batch is None else {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
+def decoding_nodes(path: Path, logits: str = "logits") -> list[str]:
+    """The nodes computed from the logits (the task's decoding into probabilities, `InferenceGraph`):
+    they stay in float, so probabilities are not rounded to 8-bit steps."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[str, None] = {}
+    tensors = [logits]
+    while tensors:
+        for node in consumers.get(tensors.pop(), []):
+            if node.name not in found:
+                found[node.name] = None
+                tensors.extend(node.output)
+    return list(found)
+
+
 def quantize_onnx(
     fp32_path: Path, int8_path: Path, mode: str, calibration: np.ndarray | None, input_name: str = "image"
 ) -> str:
@@ -67,13 +88,16 @@ def quantize_onnx(
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=decoding_nodes(prepared),
                 )
                 return "static"
             except TransferError:
                 raise
             except Exception as error:  # an op ONNX Runtime cannot quantize statically
                 log.warning("Static INT8 quantization failed (%s); quantizing dynamically instead.", error)
-        quantize_dynamic(str(prepared), str(int8_path), weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(prepared), str(int8_path), weight_type=QuantType.QInt8, nodes_to_exclude=decoding_nodes(prepared)
+        )
         return "dynamic"
     finally:
         prepared.unlink(missing_ok=True)

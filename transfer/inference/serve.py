@@ -1,7 +1,10 @@
 """``transfer-serve``: the fine-tuned classifier as an HTTP service and a web page, on LitServe.
 
 LitServe (Lightning's serving engine, FastAPI and uvicorn underneath) runs the model in worker
-processes and batches concurrent requests (``max_batch_size`` within ``batch_timeout``). Two APIs:
+processes and batches concurrent requests (``max_batch_size`` within ``batch_timeout``). What runs
+the model is a runtime (`transfer.inference.runtimes`): ONNX Runtime on the checkpoint's exported
+inference graph on a CPU, PyTorch otherwise; `serving_plan` sets the ``auto`` settings from the
+hardware. Two APIs:
 
 * ``POST /predict`` ``{"images": ["<base64>", ...]}`` (or ``{"image": "<base64>"}``): class names
   and probabilities per image; requests are batched together.
@@ -16,7 +19,7 @@ server keeps serving: the wrong content type (415), a body over ``max_body_mb`` 
 ``max_payload_size``), not JSON, missing or invalid fields, invalid base64, zero bytes, an
 undecodable or truncated image (400), or one with more than ``max_image_pixels`` pixels (a
 decompression bomb; 413). Each image is decoded once, there: the request reaches the model's worker
-as the resized and cropped pixels (`pixels_message`), which it only normalises.
+as the resized and cropped pixels (`pixels_message`), which it normalises a batch at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import binascii
 import io
 import json
 import logging
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from transfer.data.images import rgb_from_bytes
 from transfer.data.transforms import finishing, geometry
 from transfer.errors import ImageReadError, TransferError
 from transfer.inference.explain import model_view
+from transfer.inference.runtimes import build_runtime, cached_onnx, resolve_backend
 from transfer.inference.saliency import explain, overlay
 from transfer.model.classifier import load_classifier, read_checkpoint
 
@@ -121,40 +127,94 @@ def pixels_of(message: Mapping[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(message["pixels"]), dtype=np.uint8).reshape(message["shape"])
 
 
-class ModelAPI(ls.LitAPI):
-    """What both APIs share: the checkpoint's classifier in each worker, and the normalisation that
-    turns the pixels `CheckedRequests` prepared into the model's input."""
+@dataclass(frozen=True)
+class ServingPlan:
+    """What runs where, from the config and the hardware (`serving_plan`)."""
 
-    def __init__(self, ckpt: str, tta: str, api_path: str, **litapi: Any) -> None:
+    device: str = "cpu"  # cpu | cuda | mps
+    backend: str = "torch"  # torch | onnxruntime
+    onnx: str | None = None  # the ONNX file ONNX Runtime runs
+    max_batch_size: int = 1
+    workers_per_device: int = 1
+    threads: int | None = None  # intra-op threads per worker (None: the runtime's default)
+    batch_timeout: float = 0.0  # seconds a batch waits to fill up
+    api_servers: int = 1  # uvicorn processes that take the HTTP requests and decode the images
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def serving_plan(cfg: DictConfig) -> ServingPlan:
+    """``auto`` settings from the hardware. On a CPU: ONNX Runtime where installed, one model copy
+    whose intra-op threads use every core (a second copy would compete for the same cores), and
+    batches of up to 8 requests (a CPU's throughput hardly grows with the batch; batching saves the
+    per-request round trips of the worker's queue). On a GPU: PyTorch, one copy per GPU, batches of
+    up to 32 (a GPU's throughput grows with the batch)."""
+    accelerator = str(cfg.accelerator)
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    backend = resolve_backend(str(cfg.get("backend", "auto")), accelerator)
+    onnx = cfg.get("onnx")
+    if backend == "onnxruntime" and not onnx:
+        onnx = str(cached_onnx(load_classifier(str(cfg.ckpt), "cpu"), cfg.paths.cache_dir))
+    on_cpu = accelerator == "cpu"
+
+    def setting(key: str, cpu: float | None, gpu: float | None) -> Any:
+        value = cfg.get(key, "auto")
+        return (cpu if on_cpu else gpu) if value in ("auto", None) else value
+
+    threads = setting("threads", available_cores(), None)
+    return ServingPlan(
+        device=accelerator,
+        backend=backend,
+        onnx=str(onnx) if onnx else None,
+        max_batch_size=int(setting("max_batch_size", 8, 32)),
+        workers_per_device=int(setting("workers_per_device", 1, 1)),
+        threads=None if threads is None else int(threads),
+        batch_timeout=float(setting("batch_timeout", 0.002, 0.01)),
+        api_servers=int(setting("api_servers", 1, 1)),
+    )
+
+
+class ModelAPI(ls.LitAPI):
+    """What both APIs share: the checkpoint's classifier in each worker, the runtime that answers
+    (`transfer.inference.runtimes`), and the normalisation that turns the pixels `CheckedRequests`
+    prepared into the model's input."""
+
+    def __init__(self, ckpt: str, tta: str, plan: ServingPlan, api_path: str, **litapi: Any) -> None:
         super().__init__(api_path=api_path, **litapi)
-        self.ckpt, self.tta = ckpt, tta
+        self.ckpt, self.tta, self.plan = ckpt, tta, plan
 
     def setup(self, device: str) -> None:
         self.classifier = load_classifier(self.ckpt, device)
         self.normalise = A.Compose(finishing(self.classifier.input_config))
+        self.runtime = build_runtime(self.plan.backend, self.classifier, self.plan.onnx, self.plan.threads)
 
-    def tensor(self, message: Mapping[str, Any]) -> torch.Tensor:
-        image: torch.Tensor = self.normalise(image=pixels_of(message))["image"]
-        return image
+    def tensors(self, pixels: np.ndarray) -> torch.Tensor:
+        """A batch of prepared pixels (N x H x W x 3, uint8) normalised into the model's input at once."""
+        images: torch.Tensor = self.normalise(images=pixels)["images"]
+        return images
 
 
 class PredictAPI(ModelAPI):
-    """``POST /predict``: several images per request; concurrent requests share one forward pass."""
+    """``POST /predict``: several images per request; concurrent requests share one forward pass,
+    their pixels normalised together."""
 
-    def __init__(self, ckpt: str, tta: str, **litapi: Any) -> None:
-        super().__init__(ckpt, tta, "/predict", **litapi)
+    def __init__(self, ckpt: str, tta: str, plan: ServingPlan = ServingPlan(), **litapi: Any) -> None:
+        super().__init__(ckpt, tta, plan, "/predict", **litapi)
 
     def decode_request(self, request):
-        return torch.stack([self.tensor(message) for message in request["images"]])
+        return np.stack([pixels_of(message) for message in request["images"]])
 
-    def batch(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        return torch.cat(inputs), [len(x) for x in inputs]
+    def batch(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        return np.concatenate(inputs), [len(x) for x in inputs]
 
     def predict(self, x: Any) -> Any:
-        """One forward pass; batched inputs come as (images, images per request) and go back split."""
-        images, counts = x if isinstance(x, tuple) else (x, None)
+        """One forward pass; batched inputs come as (pixels, images per request) and go back split."""
+        pixels, counts = x if isinstance(x, tuple) else (x, None)
         with torch.inference_mode():
-            probabilities = self.classifier.probabilities(images, self.tta).cpu()
+            probabilities = self.runtime.probabilities(self.tensors(pixels), self.tta)
         return probabilities if counts is None else list(torch.split(probabilities, counts))
 
     def unbatch(self, output: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -166,13 +226,14 @@ class PredictAPI(ModelAPI):
 
 class ExplainAPI(ModelAPI):
     """``POST /explain``: one image's prediction plus its Grad-CAM overlay (the gradient map for
-    models without convolutions), what the page shows. Unbatched: it needs a backward pass."""
+    models without convolutions), what the page shows. Unbatched, and always PyTorch: it needs a
+    backward pass."""
 
-    def __init__(self, ckpt: str, tta: str, **litapi: Any) -> None:
-        super().__init__(ckpt, tta, "/explain", **litapi)
+    def __init__(self, ckpt: str, tta: str, plan: ServingPlan = ServingPlan(), **litapi: Any) -> None:
+        super().__init__(ckpt, tta, replace(plan, backend="torch"), "/explain", **litapi)
 
     def decode_request(self, request):
-        return self.tensor(request["image"])
+        return self.tensors(pixels_of(request["image"])[None])[0]
 
     def predict(self, image: torch.Tensor) -> dict[str, Any]:
         image = image.to(self.classifier.device)
@@ -195,10 +256,10 @@ class ExplainAPI(ModelAPI):
         return output
 
 
-def make_apis(ckpt: str, tta: str = "none", max_batch_size: int = 8, batch_timeout: float = 0.01) -> list[ls.LitAPI]:
+def make_apis(ckpt: str, plan: ServingPlan, tta: str = "none") -> list[ls.LitAPI]:
     return [
-        PredictAPI(ckpt, tta, max_batch_size=max_batch_size, batch_timeout=batch_timeout),
-        ExplainAPI(ckpt, tta, max_batch_size=1),
+        PredictAPI(ckpt, tta, plan, max_batch_size=plan.max_batch_size, batch_timeout=plan.batch_timeout),
+        ExplainAPI(ckpt, tta, plan, max_batch_size=1),
     ]
 
 
@@ -283,12 +344,12 @@ def model_info(ckpt: str) -> dict[str, Any]:
     }
 
 
-def build_server(cfg: DictConfig) -> Any:
+def build_server(cfg: DictConfig, plan: ServingPlan) -> Any:
     """The LitServer with the page added to its FastAPI app."""
     from fastapi.responses import HTMLResponse
 
-    apis = make_apis(str(cfg.ckpt), cfg.tta, cfg.max_batch_size, cfg.batch_timeout)
-    info = model_info(str(cfg.ckpt))
+    apis = make_apis(str(cfg.ckpt), plan, cfg.tta)
+    info = {**model_info(str(cfg.ckpt)), "runtime": plan.backend, "onnx": plan.onnx}
     checked = (
         CheckedRequests,
         {
@@ -299,9 +360,9 @@ def build_server(cfg: DictConfig) -> Any:
     )
     server = ls.LitServer(
         apis,
-        accelerator=cfg.accelerator,
+        accelerator=plan.device,
         devices=cfg.devices,
-        workers_per_device=cfg.workers_per_device,
+        workers_per_device=plan.workers_per_device,
         timeout=cfg.timeout,
         max_payload_size=int(cfg.max_body_mb * 1024 * 1024),
         model_metadata=info,
@@ -317,14 +378,21 @@ def build_server(cfg: DictConfig) -> Any:
 def serve(cfg: DictConfig) -> None:
     resolve_checkpoint(cfg)  # ckpt= or run=
     read_checkpoint(cfg.ckpt)  # a missing or foreign file fails here, not in a worker process
-    server = build_server(cfg)
+    plan = serving_plan(cfg)
+    server = build_server(cfg, plan)
     log.info(
-        "Serving %s on http://%s:%d/ (API: POST /predict, POST /explain; GET /info, /health)",
+        "Serving %s on http://%s:%d/ (API: POST /predict, POST /explain; GET /info, /health): %s on %s, "
+        "batches of up to %d, %d worker(s) per device, %s threads each",
         cfg.ckpt,
         cfg.host,
         cfg.port,
+        f"ONNX Runtime ({plan.onnx})" if plan.backend == "onnxruntime" else "PyTorch",
+        plan.device,
+        plan.max_batch_size,
+        plan.workers_per_device,
+        plan.threads or "default",
     )
-    server.run(host=cfg.host, port=cfg.port, generate_client_file=False)
+    server.run(host=cfg.host, port=cfg.port, num_api_servers=plan.api_servers, generate_client_file=False)
 
 
 def stop_server_process(process: Any) -> None:

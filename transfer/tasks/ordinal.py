@@ -101,7 +101,12 @@ class Ordinal(Task):
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         greater = torch.sigmoid(outputs.float())
-        greater = torch.cummin(greater, dim=-1).values  # P(y > k) cannot grow with k
+        # P(y > k) cannot grow with k: the running minimum over k (torch.cummin's values, written
+        # out because ONNX has no cummin and the exported graph decodes the grades too).
+        running = [greater[..., 0]]
+        for k in range(1, greater.shape[-1]):
+            running.append(torch.minimum(running[-1], greater[..., k]))
+        greater = torch.stack(running, dim=-1)
         ones, zeros = torch.ones_like(greater[..., :1]), torch.zeros_like(greater[..., :1])
         bounds = torch.cat([ones, greater, zeros], dim=-1)
         return bounds[..., :-1] - bounds[..., 1:]
