@@ -58,3 +58,17 @@ def test_the_backend_auto_is_onnx_runtime_on_a_cpu_only() -> None:
     assert resolve_backend("torch", "cpu") == "torch"
     with pytest.raises(TransferError, match="backend=tensorrt"):
         resolve_backend("tensorrt", "cpu")
+
+
+def test_a_model_onnx_cannot_express_is_served_by_pytorch_under_auto(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("onnxruntime")
+    import transfer.inference.serve as serve
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("no ONNX function for aten.some_op")
+
+    monkeypatch.setattr(serve, "load_classifier", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "cached_onnx", failing_export)
+    assert plan_for(["accelerator=cpu"], tmp_path).backend == "torch"
+    with pytest.raises(RuntimeError, match="aten.some_op"):
+        plan_for(["accelerator=cpu", "backend=onnxruntime"], tmp_path)

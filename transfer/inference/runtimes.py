@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class OnnxRuntime:
         options.inter_op_num_threads = 1
         # Idle intra-op threads sleep instead of spinning: the server's other processes (HTTP,
         # image decoding) need those cores between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("TRANSFER_ORT_SPIN", "0"))
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if classifier.device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -109,7 +109,8 @@ def cached_onnx(classifier: Classifier, cache_dir: str | Path, tolerance: float 
 
     The check runs the graph in PyTorch and in ONNX Runtime on seeded noise at the input size (no
     data is at hand when a server starts; ``export.py`` checks on the run's real test images), and
-    fails loudly rather than serve a graph that answers differently.
+    fails loudly rather than serve a graph that answers differently. ``classifier``'s model is put
+    on the CPU in float32 for the export.
     """
     from transfer.inference.export import export_onnx, output_difference
 
@@ -161,7 +162,3 @@ def build_runtime(backend: str, classifier: Classifier, onnx_path: str | None, t
             raise TransferError("backend=onnxruntime needs an ONNX file (the server exports one at start).")
         return OnnxRuntime(onnx_path, classifier, threads)
     return TorchRuntime(classifier, threads)
-
-
-def describe_runtime(runtime: Any) -> str:
-    return f"ONNX Runtime ({runtime.path.name})" if isinstance(runtime, OnnxRuntime) else "PyTorch"

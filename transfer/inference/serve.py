@@ -154,10 +154,17 @@ def serving_plan(cfg: DictConfig) -> ServingPlan:
     accelerator = str(cfg.accelerator)
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    backend = resolve_backend(str(cfg.get("backend", "auto")), accelerator)
+    asked = str(cfg.get("backend", "auto"))
+    backend = resolve_backend(asked, accelerator)
     onnx = cfg.get("onnx")
     if backend == "onnxruntime" and not onnx:
-        onnx = str(cached_onnx(load_classifier(str(cfg.ckpt), "cpu"), cfg.paths.cache_dir))
+        try:
+            onnx = str(cached_onnx(load_classifier(str(cfg.ckpt), "cpu"), cfg.paths.cache_dir))
+        except Exception as error:  # a model ONNX cannot express: auto serves it with PyTorch
+            if asked != "auto":
+                raise
+            log.warning("Serving with PyTorch: the ONNX export failed (%s: %s).", type(error).__name__, error)
+            backend = "torch"
     on_cpu = accelerator == "cpu"
 
     def setting(key: str, cpu: float | None, gpu: float | None) -> Any:
