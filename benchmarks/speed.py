@@ -28,6 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [("head only", 0), ("partial", None), ("full", "all")]  # None: --unfreeze blocks
+# The cells' run folders: removed when the process that made them exits.
+SCRATCH = tempfile.TemporaryDirectory(prefix="speed-")
 
 
 def compose(args: argparse.Namespace, unfreeze: int | str, extra: list[str] = ()) -> Any:
@@ -47,7 +49,7 @@ def compose(args: argparse.Namespace, unfreeze: int | str, extra: list[str] = ()
     ]
     if args.model != "tf_efficientnet_lite0":
         overrides += ["backbone=timm", f"backbone.name={args.model}", "backbone.weights=none"]  # speed only
-    return compose_config("train", overrides, output_dir=tempfile.mkdtemp(prefix="speed-"))
+    return compose_config("train", overrides, output_dir=tempfile.mkdtemp(dir=SCRATCH.name))
 
 
 def setup(cfg: Any) -> tuple[Any, Any]:
