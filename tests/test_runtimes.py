@@ -30,6 +30,8 @@ def test_auto_settings_follow_the_hardware(tmp_path) -> None:
         batch_timeout=0.002,
         api_servers=1,
     )
+    two_copies = plan_for(["accelerator=cpu", "backend=torch", "workers_per_device=2"], tmp_path)
+    assert two_copies.threads == max(1, available_cores() // 2)  # no copy oversubscribes the cores
     gpu = plan_for(["accelerator=cuda"], tmp_path)  # composed only: nothing is loaded
     assert (gpu.backend, gpu.max_batch_size, gpu.threads, gpu.batch_timeout) == ("torch", 32, None, 0.01)
 

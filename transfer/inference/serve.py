@@ -147,7 +147,7 @@ def available_cores() -> int:
 
 def serving_plan(cfg: DictConfig) -> ServingPlan:
     """``auto`` settings from the hardware. On a CPU: ONNX Runtime where installed, one model copy
-    whose intra-op threads use every core (a second copy would compete for the same cores), and
+    whose intra-op threads use every core (with more copies, the cores shared out among them), and
     batches of up to 8 requests (a CPU's throughput hardly grows with the batch; batching saves the
     per-request round trips of the worker's queue). On a GPU: PyTorch, one copy per GPU, batches of
     up to 32 (a GPU's throughput grows with the batch)."""
@@ -171,13 +171,14 @@ def serving_plan(cfg: DictConfig) -> ServingPlan:
         value = cfg.get(key, "auto")
         return (cpu if on_cpu else gpu) if value in ("auto", None) else value
 
-    threads = setting("threads", available_cores(), None)
+    workers = int(setting("workers_per_device", 1, 1))
+    threads = setting("threads", max(1, available_cores() // workers), None)  # the copies share the cores
     return ServingPlan(
         device=accelerator,
         backend=backend,
         onnx=str(onnx) if onnx else None,
         max_batch_size=int(setting("max_batch_size", 8, 32)),
-        workers_per_device=int(setting("workers_per_device", 1, 1)),
+        workers_per_device=workers,
         threads=None if threads is None else int(threads),
         batch_timeout=float(setting("batch_timeout", 0.002, 0.01)),
         api_servers=int(setting("api_servers", 1, 1)),
